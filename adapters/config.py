@@ -1,0 +1,70 @@
+"""Memory settings that travel with a retrofitted model (stored in its config as `hola`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+READ_RULES = ('shared', 'gated')
+EVICTIONS = ('surprise', 'recency')
+
+
+@dataclass
+class MemoryConfig:
+    """Settings of the exact memory (see docs/method.md in the shared docs and README).
+
+    cache_size   M: entries kept per layer and value head (top-M write scores over the history).
+    block_size   C: tokens per block; queries read their own block causally, the cache merges at block ends.
+    read_block   whether queries read the current block (off + M = 0 means memory off: base outputs).
+    read_rule    'shared': one softmax over [sink, cache, block] whose sink value is the state read
+                 (training-free default); 'gated': HOLA's state + sigmoid(gate) * read, null sink.
+    eviction     'surprise': score beta*||e|| (HOLA); 'recency': keep the last M tokens (ablation).
+    gamma_init   initial value of the RMSNorm-gamma of the cache-path q and k (logit temperature
+                 gamma_init^2 * sqrt(d) * cos(q, k)).
+    sink_init    initial sink logit.
+    gate_init    initial gate logit of the 'gated' rule (HOLA: -4, i.e. almost off).
+    norm_eps     eps of the cache-path RMSNorm.
+    """
+
+    cache_size: int = 512
+    block_size: int = 64
+    read_block: bool = True
+    read_rule: str = 'shared'
+    eviction: str = 'surprise'
+    gamma_init: float = 1.0
+    sink_init: float = 8.0
+    gate_init: float = -4.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.cache_size, int) or isinstance(self.cache_size, bool) or self.cache_size < 0:
+            raise ValueError(f"cache_size must be an integer >= 0, got {self.cache_size!r}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or not 1 <= self.block_size <= 4096:
+            raise ValueError(f"block_size must be an integer in [1, 4096], got {self.block_size!r}")
+        if self.read_rule not in READ_RULES:
+            raise ValueError(f"read_rule must be one of {READ_RULES}, got {self.read_rule!r}")
+        if self.eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
+        if not self.gamma_init > 0:
+            raise ValueError(f"gamma_init must be > 0, got {self.gamma_init!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """False when the layer must compute exactly what the base layer computes."""
+        return self.cache_size > 0 or self.read_block
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> MemoryConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown memory settings: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,227 @@
+"""Pure-PyTorch fallbacks that let fla 0.6.0 models run forward and generate on a CPU.
+
+fla's short convolution, norms, gated MLP, fused cross-entropy and delta-rule kernels are
+Triton-only: on a CPU every forward fails ("0 active drivers"). `install()` wraps those entry
+points so that a call whose tensors are *not* on a CUDA device runs the plain PyTorch
+computation below; CUDA tensors go to fla's own code, unchanged. Importing `hola_retrofit`
+calls `install()` once. The delta-rule fallbacks use fla's own naive references
+(`fla/ops/*/naive.py`), so a base model on CPU is checked against fla's definition, not ours.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+_INSTALLED = False
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """fla's in-kernel L2 norm: x / sqrt(sum x^2 + eps), in float32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def gdn_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """GDN log-decay g = -exp(A_log) * softplus(a + dt_bias), float32."""
+    return -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+
+
+def _on_cuda(*tensors) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+
+
+# --------------------------------------------------------------------------- modules
+
+def rms_norm(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
+    dtype = x.dtype
+    if residual is not None:
+        x = x.float() + residual.float()
+    res_out = x.to(torch.float32 if residual_in_fp32 else dtype)
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(dtype)
+    return (y, res_out) if prenorm else y
+
+
+def gated_rms_norm(x, g, weight, bias=None, eps=1e-5, activation='swish'):
+    """rmsnorm(x) * weight * act(g), as fla's FusedRMSNormGated computes it."""
+    y = rms_norm(x.float(), weight, bias, eps=eps)
+    gf = g.float()
+    gate = gf * torch.sigmoid(gf) if activation in ('swish', 'silu') else torch.sigmoid(gf)
+    return (y * gate).to(x.dtype)
+
+
+def short_conv(x, weight, bias=None, activation=None, cache=None, output_final_state=False,
+               cu_seqlens=None, mask=None, residual=None):
+    """Depthwise causal conv of fla's ShortConvolution. x [B, T, D]; weight [D, W];
+    cache [N, D, W] holds the last W inputs (oldest first), as fla's update kernel keeps it."""
+    if mask is not None:
+        x = x * mask.unsqueeze(-1).to(x.dtype)
+    D, W = weight.shape
+    if cu_seqlens is not None:
+        seqs = [x[:, int(s):int(e)] for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+    else:
+        seqs = [x[i:i + 1] for i in range(x.shape[0])]
+    ys, states = [], []
+    for n, xs in enumerate(seqs):
+        T = xs.shape[1]
+        prev = cache[n:n + 1].transpose(1, 2) if cache is not None else xs.new_zeros(1, W, D)
+        full = torch.cat([prev[:, 1:].to(xs.dtype), xs], dim=1)  # [1, W-1+T, D]
+        y = F.conv1d(full.transpose(1, 2).float(), weight.float().unsqueeze(1),
+                     bias.float() if bias is not None else None, groups=D)  # [1, D, T]
+        y = y.transpose(1, 2)
+        if activation in ('silu', 'swish'):
+            y = F.silu(y)
+        ys.append(y.to(x.dtype))
+        states.append(torch.cat([prev.to(xs.dtype), xs], dim=1)[:, -W:].transpose(1, 2))
+        del T
+    y = torch.cat(ys, dim=1) if cu_seqlens is not None else torch.cat(ys, dim=0)
+    if residual is not None:
+        y = y + residual
+    final = None
+    if output_final_state:
+        final = torch.cat(states, dim=0)
+        if cache is not None and not torch.is_grad_enabled() and final.shape == cache.shape:
+            cache.copy_(final)  # fla's single-step path updates the cache in place
+            final = cache
+    return y, final
+
+
+# --------------------------------------------------------------------------- delta rules
+
+def _split(t, cu_seqlens):
+    if cu_seqlens is None:
+        return [t[i:i + 1] for i in range(t.shape[0])]
+    return [t[:, int(s):int(e)] for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+
+
+def _join(parts, cu_seqlens):
+    return torch.cat(parts, dim=1 if cu_seqlens is not None else 0)
+
+
+def gated_delta_rule_cpu(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                         use_qk_l2norm_in_kernel=False, cu_seqlens=None, use_gate_in_kernel=False,
+                         A_log=None, dt_bias=None, use_beta_sigmoid_in_kernel=False,
+                         allow_neg_eigval=False, state_v_first=False, **_):
+    """fla's chunk/fused_recurrent_gated_delta_rule signature, computed with fla's naive reference."""
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+
+    if use_qk_l2norm_in_kernel:
+        q, k = l2_normalize(q), l2_normalize(k)
+    if use_beta_sigmoid_in_kernel:
+        beta = torch.sigmoid(beta.float()) * (2.0 if allow_neg_eigval else 1.0)
+    if use_gate_in_kernel:
+        g = gdn_decay(g, A_log, dt_bias)
+    HV = v.shape[2]
+    if q.shape[2] != HV:  # grouped value heads: value head i reads q/k head i // (HV/H)
+        q = q.repeat_interleave(HV // q.shape[2], dim=2)
+        k = k.repeat_interleave(HV // k.shape[2], dim=2)
+    outs, finals = [], []
+    for n, (qs, ks, vs, gs, bs) in enumerate(zip(*[_split(t, cu_seqlens) for t in (q, k, v, g, beta)])):
+        h0 = None
+        if initial_state is not None:
+            h0 = initial_state[n:n + 1].float()
+            h0 = h0.transpose(-1, -2) if state_v_first else h0
+        o, ht = naive_recurrent_gated_delta_rule(qs.float(), ks.float(), vs.float(), bs.float(), gs.float(),
+                                                 scale=scale, initial_state=h0, output_final_state=True)
+        outs.append(o.to(v.dtype))
+        finals.append(ht.transpose(-1, -2) if state_v_first else ht)
+    final = torch.cat(finals, 0).float().contiguous() if output_final_state else None
+    return _join(outs, cu_seqlens), final
+
+
+def delta_rule_cpu(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
+                   cu_seqlens=None, use_qk_l2norm_in_kernel=False, **_):
+    """fla's chunk/fused_recurrent_delta_rule signature, computed with fla's naive reference."""
+    from fla.ops.delta_rule.naive import delta_rule_recurrence
+
+    if use_qk_l2norm_in_kernel:
+        q, k = l2_normalize(q), l2_normalize(k)
+    outs, finals = [], []
+    for n, (qs, ks, vs, bs) in enumerate(zip(*[_split(t, cu_seqlens) for t in (q, k, v, beta)])):
+        h0 = initial_state[n:n + 1].float() if initial_state is not None else None
+        o, ht = delta_rule_recurrence(*(t.float().transpose(1, 2) for t in (qs, ks, vs, bs)),
+                                      initial_state=h0, output_final_state=True)
+        outs.append(o.transpose(1, 2).to(v.dtype))
+        finals.append(ht)
+    final = torch.cat(finals, 0).float().contiguous() if output_final_state else None
+    return _join(outs, cu_seqlens), final
+
+
+# --------------------------------------------------------------------------- install
+
+def _dispatch(original, fallback):
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        tensors += [a for a in kwargs.values() if isinstance(a, torch.Tensor)]
+        if _on_cuda(*tensors):
+            return original(*args, **kwargs)
+        return fallback(*args, **kwargs)
+    wrapper.__hola_fallback__ = True
+    return wrapper
+
+
+def _method(cls, fallback):
+    if not getattr(cls.forward, '__hola_fallback__', False):
+        original = cls.forward
+
+        @functools.wraps(original)
+        def forward(self, *args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [a for a in kwargs.values() if isinstance(a, torch.Tensor)]
+            if _on_cuda(*tensors):
+                return original(self, *args, **kwargs)
+            return fallback(self, *args, **kwargs)
+        forward.__hola_fallback__ = True
+        cls.forward = forward
+
+
+def install() -> None:
+    """Make fla's Triton-only modules fall back to PyTorch for non-CUDA tensors. Idempotent."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    import fla.layers.delta_net as fla_dn
+    import fla.layers.gated_deltanet as fla_gdn
+    from fla.modules import FusedCrossEntropyLoss, FusedRMSNormGated, GatedMLP, RMSNorm, ShortConvolution
+
+    _method(RMSNorm, lambda self, x, residual=None, prenorm=False, residual_in_fp32=False: rms_norm(
+        x, self.weight, self.bias, residual, self.eps, prenorm, residual_in_fp32))
+
+    def _gated(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+        if residual is not None or prenorm:
+            raise NotImplementedError("hola_retrofit's CPU FusedRMSNormGated takes no residual")
+        return gated_rms_norm(x, g, self.weight, self.bias, self.eps, self.activation)
+    _method(FusedRMSNormGated, _gated)
+
+    def _conv(self, x, residual=None, mask=None, cache=None, output_final_state=False, cu_seqlens=None, **_):
+        return short_conv(x, self.weight.squeeze(1), self.bias, self.activation, cache, output_final_state,
+                          cu_seqlens, mask, residual)
+    _method(ShortConvolution, _conv)
+
+    def _mlp(self, x, **_):
+        if self.hidden_act not in ('swish', 'silu'):
+            raise NotImplementedError(f"hola_retrofit's CPU GatedMLP supports swish only, not {self.hidden_act}")
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    _method(GatedMLP, _mlp)
+
+    def _ce(self, logits, target):
+        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing)
+    _method(FusedCrossEntropyLoss, _ce)
+
+    for mod, names, fb in ((fla_gdn, ('chunk_gated_delta_rule', 'fused_recurrent_gated_delta_rule'), gated_delta_rule_cpu),
+                           (fla_dn, ('chunk_delta_rule', 'fused_recurrent_delta_rule'), delta_rule_cpu)):
+        for name in names:
+            fn = getattr(mod, name)
+            if not getattr(fn, '__hola_fallback__', False):
+                setattr(mod, name, _dispatch(fn, fb))
+    _INSTALLED = True

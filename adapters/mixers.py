@@ -1,0 +1,178 @@
+"""Memory-augmented drop-in replacements for fla's GatedDeltaNet and DeltaNet mixers.
+
+`attach_memory(model, cfg)` turns every GDN/DeltaNet mixer of an fla causal LM into its
+memory-augmented subclass in place: every pretrained weight stays where it was, four small
+parameter tensors per layer are added (`mem_q_gamma`, `mem_k_gamma` [HV, K], `mem_sink`,
+`mem_gate` [HV]), and standard-attention layers of hybrid models are left alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from fla.layers.delta_net import DeltaNet, elu_p1
+from fla.layers.gated_deltanet import GatedDeltaNet
+from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
+from torch.nn import functional as F
+
+from .config import MemoryConfig
+from .fallbacks import l2_normalize
+from .reference import empty_memory, memory_forward
+from .state import _expand, _spans, state_forward
+
+MEMORY_KEY = 'hola_memory'
+
+
+class HolaMixin:
+    """Memory parameters and the forward shared by both mixers. Subclasses define `_inputs`."""
+
+    kind: str
+    hola: MemoryConfig
+
+    @property
+    def num_value_heads(self) -> int:
+        return getattr(self, 'num_v_heads', self.num_heads)
+
+    def _init_memory(self, cfg: MemoryConfig) -> None:
+        self.hola = cfg
+        ref = self.q_proj.weight
+        hv, k = self.num_value_heads, self.head_k_dim
+        kw = dict(device=ref.device, dtype=torch.float32)
+        self.mem_q_gamma = nn.Parameter(torch.empty(hv, k, **kw))
+        self.mem_k_gamma = nn.Parameter(torch.empty(hv, k, **kw))
+        self.mem_sink = nn.Parameter(torch.empty(hv, **kw))
+        self.mem_gate = nn.Parameter(torch.empty(hv, **kw))
+        self.reset_memory_parameters()
+
+    @torch.no_grad()
+    def reset_memory_parameters(self) -> None:
+        self.mem_q_gamma.fill_(self.hola.gamma_init)
+        self.mem_k_gamma.fill_(self.hola.gamma_init)
+        self.mem_sink.fill_(self.hola.sink_init)
+        self.mem_gate.fill_(self.hola.gate_init)
+
+    def memory_params(self) -> dict[str, torch.Tensor]:
+        return {'q_gamma': self.mem_q_gamma, 'k_gamma': self.mem_k_gamma, 'sink': self.mem_sink,
+                'gate': self.mem_gate}
+
+    def _conv_qkv(self, x, last_state, use_cache, cu_seqlens):
+        conv_state = (None, None, None)
+        if self.use_short_conv:
+            if last_state is not None and last_state.get('conv_state') is not None:
+                conv_state = last_state['conv_state']
+            outs = [conv(x=proj(x), cache=c, output_final_state=use_cache, cu_seqlens=cu_seqlens)
+                    for conv, proj, c in zip((self.q_conv1d, self.k_conv1d, self.v_conv1d),
+                                             (self.q_proj, self.k_proj, self.v_proj), conv_state)]
+            (q, cq), (k, ck), (v, cv) = outs
+            return q, k, v, (cq, ck, cv)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return q, k, v, None
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
+                output_attentions=False, **kwargs):
+        if not self.hola.enabled:
+            return super().forward(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
+                                   use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("attention_mask must be a [batch, seq_len] 0/1 padding mask")
+        batch_size, q_len, _ = hidden_states.shape
+        last_state = get_layer_cache(self, past_key_values)
+        x, indices, cu_seqlens = unpad_hidden_states(hidden_states=hidden_states, cu_seqlens=kwargs.get('cu_seqlens'),
+                                                     attention_mask=attention_mask, q_len=q_len)
+        q, k, v, beta, a, conv_state = self._inputs(x, last_state, use_cache, cu_seqlens)
+        recurrent = last_state['recurrent_state'] if last_state is not None else None
+        o_state, score, recurrent = state_forward(
+            self.kind, q, k, v, beta, a, getattr(self, 'A_log', None), getattr(self, 'dt_bias', None),
+            self.allow_neg_eigval, recurrent, cu_seqlens)
+        state = update_layer_cache(self, past_key_values, recurrent_state=recurrent, conv_state=conv_state,
+                                   offset=q_len)
+
+        B, T, HV, V = v.shape
+        spans = _spans(B, T, cu_seqlens)
+        mem = last_state.get(MEMORY_KEY) if last_state is not None else None
+        if mem is None or mem['seen'].shape[0] != len(spans):
+            mem = empty_memory(len(spans), HV, self.head_k_dim, V, self.hola, v.dtype, v.device)
+        qn, kn = _expand(l2_normalize(q), HV), _expand(l2_normalize(k), HV)
+        params = self.memory_params()
+        o = torch.empty_like(o_state)
+        scale = self.head_k_dim ** -0.5
+        for n, (b, s, e) in enumerate(spans):
+            o[b, s:e] = memory_forward(mem, n, qn[b, s:e], kn[b, s:e], v[b, s:e], score[b, s:e], o_state[b, s:e],
+                                       params, self.hola, scale).to(o.dtype)
+        if state is not None:
+            state[MEMORY_KEY] = mem
+
+        if self.use_gate:
+            g = rearrange(self.g_proj(x), '... (h d) -> ... h d', d=self.head_v_dim)
+            o = self.o_norm(o, g)
+        else:
+            o = self.o_norm(o)
+        o = self.o_proj(rearrange(o, 'b t h d -> b t (h d)'))
+        o = repad_hidden_states(hidden_states=o, indices=indices, batch_size=batch_size, q_len=q_len)
+        return o, None, past_key_values
+
+
+class HolaGatedDeltaNet(HolaMixin, GatedDeltaNet):
+    kind = 'gdn'
+
+    def _inputs(self, x, last_state, use_cache, cu_seqlens):
+        q, k, v, conv_state = self._conv_qkv(x, last_state, use_cache, cu_seqlens)
+        if not self.use_short_conv:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q, k = (rearrange(t, '... (h d) -> ... h d', d=self.head_k_dim) for t in (q, k))
+        v = rearrange(v, '... (h d) -> ... h d', d=self.head_v_dim)
+        return q, k, v, self.b_proj(x), self.a_proj(x), conv_state
+
+
+class HolaDeltaNet(HolaMixin, DeltaNet):
+    kind = 'deltanet'
+
+    def _inputs(self, x, last_state, use_cache, cu_seqlens):
+        q, k, v, conv_state = self._conv_qkv(x, last_state, use_cache, cu_seqlens)
+        if not self.use_short_conv:
+            if self.qk_activation == 'silu':
+                q, k = F.silu(q), F.silu(k)
+            v = F.silu(v)
+        q, k = (rearrange(t, '... (h d) -> ... h d', d=self.head_k_dim) for t in (q, k))
+        v = rearrange(v, '... (h d) -> ... h d', d=self.head_v_dim)
+        if self.qk_activation == 'relu':
+            q, k = q.relu(), k.relu()
+        elif self.qk_activation == 'elu':
+            q, k = elu_p1(q), elu_p1(k)
+        beta = self.b_proj(x).sigmoid() if self.use_beta else torch.ones_like(q[..., 0])
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
+        return q, k, v, beta, None, conv_state
+
+
+_SWAPS = ((GatedDeltaNet, HolaGatedDeltaNet), (DeltaNet, HolaDeltaNet))
+
+
+def _check_supported(mixer: nn.Module) -> None:
+    if isinstance(mixer, DeltaNet) and mixer.qk_norm != 'l2':
+        raise ValueError(f"DeltaNet with qk_norm={mixer.qk_norm!r} is not supported (only 'l2')")
+
+
+def attach_memory(model: nn.Module, cfg: MemoryConfig) -> list[int]:
+    """Swap every GDN/DeltaNet mixer of `model` for its memory-augmented subclass, in place.
+    Returns the indices of the patched layers; other mixers (hybrid attention) are left alone."""
+    patched = []
+    for i, block in enumerate(model.model.layers):
+        mixer = block.attn
+        if isinstance(mixer, HolaMixin):
+            mixer.hola = cfg
+            patched.append(i)
+            continue
+        for base, hola in _SWAPS:
+            if type(mixer) is base:
+                _check_supported(mixer)
+                mixer.__class__ = hola
+                mixer._init_memory(cfg)
+                patched.append(i)
+                break
+    return patched
+
+
+def memory_layers(model: nn.Module) -> list[HolaMixin]:
+    return [m for m in model.modules() if isinstance(m, HolaMixin)]

@@ -1,0 +1,127 @@
+"""Transformers model classes of retrofitted checkpoints, their cache, and Auto registration.
+
+A retrofitted checkpoint is the base fla checkpoint plus the memory parameters, with
+`model_type` `hola_gated_deltanet` or `hola_delta_net` and two config fields: `hola` (the
+MemoryConfig) and `hola_base` (where the base weights came from). `import hola_retrofit`
+registers both with AutoConfig / AutoModelForCausalLM.
+"""
+
+from __future__ import annotations
+
+from fla.models import DeltaNetConfig, DeltaNetForCausalLM, GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+from fla.models.cache_utils import Cache
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .config import MemoryConfig
+from .mixers import MEMORY_KEY, HolaMixin, attach_memory
+from .reference import memory_nbytes
+
+
+class HolaCache(Cache):
+    """fla's Cache; each layer's state dict also holds `hola_memory` (cache, block, scores, counts)."""
+
+    def _states(self):
+        return [self[i] for i in range(len(self))]
+
+    def memory_nbytes(self) -> int:
+        """Bytes held by the exact memory of all layers (bounded by (M + C) entries per head)."""
+        return sum(memory_nbytes(s[MEMORY_KEY]) for s in self._states() if s.get(MEMORY_KEY) is not None)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor in the cache: recurrent and conv states plus the memory."""
+        total = 0
+
+        def add(x):
+            nonlocal total
+            if hasattr(x, 'element_size'):
+                total += x.numel() * x.element_size()
+            elif isinstance(x, dict):
+                for y in x.values():
+                    add(y)
+            elif isinstance(x, (list, tuple)):
+                for y in x:
+                    add(y)
+        for s in self._states():
+            add(s)
+        return total
+
+
+class _HolaConfigMixin:
+    def _init_hola(self, hola, hola_base):
+        self.hola = MemoryConfig.from_dict(hola).to_dict()
+        self.hola_base = dict(hola_base or {})
+
+    @property
+    def memory_config(self) -> MemoryConfig:
+        return MemoryConfig.from_dict(self.hola)
+
+
+class HolaGatedDeltaNetConfig(_HolaConfigMixin, GatedDeltaNetConfig):
+    model_type = 'hola_gated_deltanet'
+
+    def __init__(self, hola: dict | None = None, hola_base: dict | None = None, **kwargs):
+        self._init_hola(hola, hola_base)
+        super().__init__(**kwargs)
+
+
+class HolaDeltaNetConfig(_HolaConfigMixin, DeltaNetConfig):
+    model_type = 'hola_delta_net'
+
+    def __init__(self, hola: dict | None = None, hola_base: dict | None = None, **kwargs):
+        self._init_hola(hola, hola_base)
+        super().__init__(**kwargs)
+
+
+class _HolaModelMixin:
+    def _attach(self):
+        self.hola_layers = attach_memory(self, self.config.memory_config)
+
+    def _init_weights(self, module, *args, **kwargs):
+        super()._init_weights(module, *args, **kwargs)
+        if isinstance(module, HolaMixin):
+            module.reset_memory_parameters()
+
+    def set_memory_config(self, cfg: MemoryConfig) -> None:
+        """Change the memory settings of every layer (parameters are kept) and record them in the config."""
+        self.config.hola = cfg.to_dict()
+        attach_memory(self, cfg)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None,
+                use_cache=None, **kwargs):
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = HolaCache()
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+
+class HolaGatedDeltaNetForCausalLM(_HolaModelMixin, GatedDeltaNetForCausalLM):
+    config_class = HolaGatedDeltaNetConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._attach()
+
+
+class HolaDeltaNetForCausalLM(_HolaModelMixin, DeltaNetForCausalLM):
+    config_class = HolaDeltaNetConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._attach()
+
+
+# base model_type -> (memory config class, memory model class)
+HOLA_CLASSES = {
+    'gated_deltanet': (HolaGatedDeltaNetConfig, HolaGatedDeltaNetForCausalLM),
+    'delta_net': (HolaDeltaNetConfig, HolaDeltaNetForCausalLM),
+}
+SUPPORTED_BASE_TYPES = tuple(HOLA_CLASSES)
+HOLA_TYPES = tuple(c.model_type for c, _ in HOLA_CLASSES.values())
+
+
+def register() -> None:
+    for cfg_cls, model_cls in HOLA_CLASSES.values():
+        AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+        AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)

@@ -1,0 +1,153 @@
+"""The plain PyTorch reference of the exact memory: the specification every fast path is tested against.
+
+Per layer and value head, for one sequence:
+
+- every token t gets the static write score m_t = ||beta_t * e_t|| (surprise) or its position (recency);
+- the cache holds the M tokens with the largest score among all tokens of *completed* blocks of C tokens;
+  ties keep the earlier token; the cache merges with a block when the block ends;
+- a query reads, with the decoupled RMSNorm-gamma attention, the cache, the earlier tokens of its own
+  block and itself (if `read_block`), and one sink;
+- the read is combined with the state output o_state = scale * S_t^T q_t:
+    'shared': w = softmax([sink, l_1..l_E]);  o = w_0 * o_state + scale * sum_j w_j v_j
+    'gated' : w = softmax([sink, l_1..l_E]);  o = o_state + sigmoid(gate) * scale * sum_j w_j v_j
+  with l_j = (gq * rms(q)) . (gk * rms(k_j)) / sqrt(d_k), q and k the unit-L2 vectors of the state path.
+
+A memory state is a dict of tensors with the sequence index first, so fla's Cache can reorder,
+repeat and offload it like its own state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import MemoryConfig
+
+
+def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def empty_memory(n: int, hv: int, k: int, v: int, cfg: MemoryConfig, dtype: torch.dtype,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    M, C = cfg.cache_size, cfg.block_size
+    return {
+        'cache_k': torch.zeros(n, hv, M, k, dtype=dtype, device=device),
+        'cache_v': torch.zeros(n, hv, M, v, dtype=dtype, device=device),
+        'cache_score': torch.full((n, hv, M), float('-inf'), dtype=torch.float32, device=device),
+        'cache_pos': torch.full((n, hv, M), -1, dtype=torch.long, device=device),
+        'block_k': torch.zeros(n, hv, C, k, dtype=dtype, device=device),
+        'block_v': torch.zeros(n, hv, C, v, dtype=dtype, device=device),
+        'block_score': torch.full((n, hv, C), float('-inf'), dtype=torch.float32, device=device),
+        'seen': torch.zeros(n, dtype=torch.long, device=device),
+    }
+
+
+def memory_nbytes(mem: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in mem.values())
+
+
+def merge(mem: dict, n: int, cfg: MemoryConfig) -> None:
+    """Merge the full block of sequence n into its cache: keep the top-M by (score desc, position asc)."""
+    M, C = cfg.cache_size, cfg.block_size
+    start = int(mem['seen'][n]) - C  # position of the block's first token
+    if M == 0:
+        return
+    hv = mem['cache_k'].shape[1]
+    block_pos = torch.arange(start, start + C, device=mem['cache_pos'].device).expand(hv, C)
+    cand_k = torch.cat([mem['cache_k'][n], mem['block_k'][n]], 1)
+    cand_v = torch.cat([mem['cache_v'][n], mem['block_v'][n]], 1)
+    cand_s = torch.cat([mem['cache_score'][n], mem['block_score'][n]], 1)
+    cand_p = torch.cat([mem['cache_pos'][n], block_pos], 1)
+    key = cand_s if cfg.eviction == 'surprise' else torch.where(cand_p >= 0, cand_p.double(), float('-inf'))
+    by_pos = torch.argsort(cand_p, dim=1, stable=True)
+    order = torch.argsort(key.gather(1, by_pos), dim=1, descending=True, stable=True)[:, :M]
+    sel = by_pos.gather(1, order)
+    mem['cache_k'][n] = cand_k.gather(1, sel[..., None].expand(-1, -1, cand_k.shape[-1]))
+    mem['cache_v'][n] = cand_v.gather(1, sel[..., None].expand(-1, -1, cand_v.shape[-1]))
+    mem['cache_score'][n] = cand_s.gather(1, sel)
+    mem['cache_pos'][n] = cand_p.gather(1, sel)
+
+
+def read_combine(q: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor, valid: torch.Tensor,
+                 o_state: torch.Tensor, params: dict, cfg: MemoryConfig, scale: float) -> torch.Tensor:
+    """q [L, HV, K] unit; entries ek [HV, E, K], ev [HV, E, V]; valid [HV or 1, L, E]; o_state [L, HV, V].
+    Returns the combined output [L, HV, V] in float32."""
+    d = q.shape[-1]
+    qt = rms(q, cfg.norm_eps) * params['q_gamma'].float()             # [L, HV, K]
+    kt = rms(ek, cfg.norm_eps) * params['k_gamma'].float()[:, None]   # [HV, E, K]
+    logits = torch.einsum('lhk,hek->hle', qt, kt) / math.sqrt(d)
+    logits = logits.masked_fill(~valid, float('-inf'))
+    sink = params['sink'].float()[:, None, None].expand(-1, q.shape[0], 1)
+    w = torch.softmax(torch.cat([sink, logits], -1), -1)
+    read = torch.einsum('hle,hev->lhv', w[..., 1:], ev.float()) * scale
+    if cfg.read_rule == 'shared':
+        return w[..., 0].transpose(0, 1)[..., None] * o_state.float() + read
+    return o_state.float() + torch.sigmoid(params['gate'].float())[None, :, None] * read
+
+
+def memory_forward(mem: dict, n: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   score: torch.Tensor, o_state: torch.Tensor, params: dict, cfg: MemoryConfig,
+                   scale: float) -> torch.Tensor:
+    """Feed L new tokens of sequence n through its memory, in place; return the combined output.
+
+    q, k [L, HV, K] (unit-L2, already expanded to value heads), v [L, HV, V], score [L, HV],
+    o_state [L, HV, V]. Prefill and decode both call this: the result depends only on absolute
+    positions and static scores, so any split of the input gives the same cache and outputs."""
+    C = cfg.block_size
+    L = q.shape[0]
+    out = torch.empty(L, *o_state.shape[1:], dtype=torch.float32, device=o_state.device)
+    i = 0
+    while i < L:
+        fill = int(mem['seen'][n]) % C
+        seg = min(C - fill, L - i)
+        sl = slice(i, i + seg)
+        kk, vv = k[sl].transpose(0, 1).to(mem['block_k'].dtype), v[sl].transpose(0, 1).to(mem['block_v'].dtype)
+        parts_k, parts_v, parts_m = [], [], []
+        cache_valid = mem['cache_pos'][n] >= 0                                  # [HV, M]
+        parts_k.append(mem['cache_k'][n]), parts_v.append(mem['cache_v'][n])
+        parts_m.append(cache_valid[:, None, :].expand(-1, seg, -1))
+        if cfg.read_block:
+            hv = kk.shape[0]
+            parts_k += [mem['block_k'][n, :, :fill], kk]
+            parts_v += [mem['block_v'][n, :, :fill], vv]
+            causal = torch.ones(seg, seg, dtype=torch.bool, device=q.device).tril()
+            parts_m += [torch.ones(hv, seg, fill, dtype=torch.bool, device=q.device),
+                        causal[None].expand(hv, -1, -1)]
+        out[sl] = read_combine(q[sl], torch.cat(parts_k, 1), torch.cat(parts_v, 1), torch.cat(parts_m, 2),
+                               o_state[sl], params, cfg, scale)
+        mem['block_k'][n, :, fill:fill + seg] = kk.detach()  # the memory holds values, never a graph
+        mem['block_v'][n, :, fill:fill + seg] = vv.detach()
+        s = score[sl].transpose(0, 1).float()
+        mem['block_score'][n, :, fill:fill + seg] = s
+        mem['seen'][n] += seg
+        if fill + seg == C:
+            merge(mem, n, cfg)
+            mem['block_score'][n] = float('-inf')
+        i += seg
+    return out
+
+
+def delta_rule_with_score(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                          log_alpha: torch.Tensor | None, scale: float,
+                          state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (gated) delta rule of one sequence, step by step, in float32, with the write score.
+
+    q, k [T, HV, K] unit-L2; v [T, HV, V]; beta [T, HV]; log_alpha [T, HV] or None (DeltaNet);
+    state [HV, K, V] or None. Returns o [T, HV, V], score m_t = ||beta_t e_t|| [T, HV], final state."""
+    T, HV, K = k.shape
+    V = v.shape[-1]
+    S = torch.zeros(HV, K, V, dtype=torch.float32, device=v.device) if state is None else state.float().clone()
+    q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
+    o = torch.empty(T, HV, V, dtype=torch.float32, device=v.device)
+    m = torch.empty(T, HV, dtype=torch.float32, device=v.device)
+    for t in range(T):
+        if log_alpha is not None:
+            S = S * log_alpha[t].float().exp()[:, None, None]
+        u = beta[t][:, None] * (v[t] - torch.einsum('hkv,hk->hv', S, k[t]))
+        S = S + k[t][:, :, None] * u[:, None, :]
+        o[t] = scale * torch.einsum('hkv,hk->hv', S, q[t])
+        m[t] = u.norm(dim=-1)
+    return o, m, S

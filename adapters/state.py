@@ -1,0 +1,172 @@
+"""The recurrent state path, unchanged from the base layer, plus the write score m_t = ||beta_t e_t||.
+
+On CUDA it runs fla's kernels: prefill calls the pieces of fla's chunked forward itself, because
+`chunk_gated_delta_rule_fwd_h` returns `v_new_t = beta_t (v_t - alpha_t S_{t-1}^T k_t)`, the
+score's vector; decode runs fla's fused recurrent step and computes e_t from the cached state
+S_{t-1} (one mat-vec per head). Elsewhere it runs the float32 reference recurrence.
+
+Layouts follow fla: q, k [B, T, H, K]; v [B, T, HV, V]; beta/gate inputs [B, T, HV] (raw, before
+the sigmoid / softplus); GDN state [N, HV, V, K] (value-first), DeltaNet state [N, H, K, V].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fallbacks import gdn_decay, l2_normalize
+from .reference import delta_rule_with_score
+
+
+def _expand(x: torch.Tensor, hv: int) -> torch.Tensor:
+    return x if x.shape[-2] == hv else x.repeat_interleave(hv // x.shape[-2], dim=-2)
+
+
+def _spans(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """(batch index, start, end) of every sequence of the (possibly packed) input."""
+    if cu_seqlens is None:
+        return [(b, 0, T) for b in range(B)]
+    c = cu_seqlens.tolist()
+    return [(0, c[i], c[i + 1]) for i in range(len(c) - 1)]
+
+
+def state_forward(kind: str, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval: bool,
+                  initial_state, cu_seqlens, use_beta_sigmoid: bool = True):
+    """Returns o [B, T, HV, V] (scaled by d_k^-0.5, fla's output), score [B, T, HV] float32, final state.
+
+    kind: 'gdn' or 'deltanet'. For DeltaNet, `beta_raw` is already beta (fla's layer applies the
+    sigmoid itself) and `a_raw`, `A_log`, `dt_bias` are None."""
+    if q.is_cuda:
+        return _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+                                   initial_state, cu_seqlens)
+    return _state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+                                    initial_state, cu_seqlens)
+
+
+def _beta(kind, beta_raw, allow_neg_eigval):
+    if kind == 'gdn':
+        return torch.sigmoid(beta_raw.float()) * (2.0 if allow_neg_eigval else 1.0)
+    return beta_raw.float()
+
+
+def _state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+                             initial_state, cu_seqlens):
+    B, T, H, K = q.shape
+    HV = v.shape[2]
+    scale = K ** -0.5
+    qn, kn = _expand(l2_normalize(q), HV), _expand(l2_normalize(k), HV)
+    beta = _beta(kind, beta_raw, allow_neg_eigval)
+    log_alpha = gdn_decay(a_raw, A_log, dt_bias) if kind == 'gdn' else None
+    o = torch.empty(*v.shape, dtype=v.dtype, device=v.device)
+    score = torch.empty(B, T, HV, dtype=torch.float32, device=v.device)
+    finals = []
+    for n, (b, s, e) in enumerate(_spans(B, T, cu_seqlens)):
+        S0 = None
+        if initial_state is not None:
+            S0 = initial_state[n].transpose(-1, -2) if kind == 'gdn' else initial_state[n]  # -> [HV, K, V]
+        on, mn, Sn = delta_rule_with_score(qn[b, s:e], kn[b, s:e], v[b, s:e], beta[b, s:e],
+                                           None if log_alpha is None else log_alpha[b, s:e], scale, S0)
+        o[b, s:e], score[b, s:e] = on.to(v.dtype), mn
+        finals.append(Sn.transpose(-1, -2) if kind == 'gdn' else Sn)
+    return o, score, torch.stack(finals).contiguous()
+
+
+def _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+                        initial_state, cu_seqlens):
+    B, T, H, K = q.shape
+    HV = v.shape[2]
+    scale = K ** -0.5
+    n_seq = B if cu_seqlens is None else len(cu_seqlens) - 1
+    if B * T == n_seq and initial_state is not None and not torch.is_grad_enabled():
+        return _decode_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+                            initial_state, cu_seqlens, scale)
+    if torch.is_grad_enabled():
+        # autograd through fla's own function; the score (a selection key, never differentiated)
+        # comes from a second, gradient-free pass.
+        with torch.no_grad():
+            _, score, _ = _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+                                      initial_state, cu_seqlens, scale)
+        o, final = _fla_chunk(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+                              initial_state, cu_seqlens)
+        return o, score, final
+    return _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+                       initial_state, cu_seqlens, scale)
+
+
+def _fla_chunk(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens):
+    if kind == 'gdn':
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        return chunk_gated_delta_rule(q=q, k=k, v=v, g=a_raw, beta=beta_raw, initial_state=initial_state,
+                                      output_final_state=True, use_qk_l2norm_in_kernel=True,
+                                      use_beta_sigmoid_in_kernel=True, allow_neg_eigval=allow_neg_eigval,
+                                      state_v_first=True, cu_seqlens=cu_seqlens, use_gate_in_kernel=True,
+                                      A_log=A_log, dt_bias=dt_bias)
+    from fla.ops.delta_rule import chunk_delta_rule
+    return chunk_delta_rule(q=q, k=k, v=v, beta=beta_raw, initial_state=initial_state, output_final_state=True,
+                            cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
+
+
+def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens,
+                scale, chunk_size: int = 64):
+    """fla's chunked forward, step for step as `chunk_(gated_)delta_rule` runs it, keeping v_new."""
+    from fla.modules.l2norm import l2norm_fwd
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+    from fla.ops.common.chunk_o import chunk_fwd_o
+    from fla.ops.utils.index import prepare_chunk_indices
+
+    chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
+    q, _ = l2norm_fwd(q)
+    k, _ = l2norm_fwd(k)
+    if kind == 'gdn':
+        from fla.ops.common.gate import fused_beta_sigmoid
+        from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+        from fla.ops.gated_delta_rule.gate import gdn_gate_chunk_cumsum
+        from fla.ops.utils.constant import RCP_LN2
+
+        beta = fused_beta_sigmoid(beta_raw, scale=2.0 if allow_neg_eigval else 1.0)
+        g = gdn_gate_chunk_cumsum(g=a_raw, A_log=A_log, chunk_size=chunk_size, scale=RCP_LN2, dt_bias=dt_bias,
+                                  cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+        w, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, cu_seqlens=cu_seqlens,
+                                                    chunk_indices=chunk_indices, chunk_size=chunk_size)
+        v_first = True
+    else:
+        from fla.ops.delta_rule.wy_fast import prepare_wy_repr_fwd
+        g = None
+        w, u, _ = prepare_wy_repr_fwd(k=k, v=v, beta=beta_raw, cu_seqlens=cu_seqlens,
+                                      chunk_indices=chunk_indices, chunk_size=chunk_size)
+        v_first = False
+    h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=initial_state,
+                                                   output_final_state=True, cu_seqlens=cu_seqlens,
+                                                   chunk_indices=chunk_indices, state_v_first=v_first,
+                                                   chunk_size=chunk_size)
+    o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, cu_seqlens=cu_seqlens,
+                    chunk_indices=chunk_indices, state_v_first=v_first, chunk_size=chunk_size)
+    return o.to(v.dtype), v_new.float().norm(dim=-1), final
+
+
+def _decode_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens,
+                 scale):
+    """One token per sequence: e_t from the cached S_{t-1}, then fla's fused recurrent step."""
+    HV = v.shape[2]
+    shape = v.shape[:2]
+    kn = _expand(l2_normalize(k), HV).reshape(-1, HV, k.shape[-1])          # [N, HV, K]
+    beta = _beta(kind, beta_raw, allow_neg_eigval).reshape(-1, HV)
+    S = initial_state.float()
+    if kind == 'gdn':
+        alpha = gdn_decay(a_raw, A_log, dt_bias).exp().reshape(-1, HV)
+        pred = alpha[..., None] * torch.einsum('nhvk,nhk->nhv', S, kn)
+    else:
+        pred = torch.einsum('nhkv,nhk->nhv', S, kn)
+    score = (beta[..., None] * (v.reshape(-1, HV, v.shape[-1]).float() - pred)).norm(dim=-1).reshape(*shape, HV)
+    if kind == 'gdn':
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+        o, final = fused_recurrent_gated_delta_rule(
+            q=q, k=k, v=v, g=a_raw, beta=beta_raw, initial_state=initial_state, output_final_state=True,
+            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+            use_beta_sigmoid_in_kernel=True, allow_neg_eigval=allow_neg_eigval, state_v_first=True,
+            cu_seqlens=cu_seqlens)
+    else:
+        from fla.ops.delta_rule import fused_recurrent_delta_rule
+        o, final = fused_recurrent_delta_rule(q=q, k=k, v=v, beta=beta_raw, initial_state=initial_state,
+                                              output_final_state=True, cu_seqlens=cu_seqlens,
+                                              use_qk_l2norm_in_kernel=True)
+    return o, score, final
