@@ -11,10 +11,12 @@ from .modeling import (
     HolaDeltaNetForCausalLM,
     HolaGatedDeltaNetConfig,
     HolaGatedDeltaNetForCausalLM,
+    hola_config_from_base,
+    retrofit_model,
 )
 
 __all__ = [
     'HOLA_CLASSES', 'HOLA_TYPES', 'SUPPORTED_BASE_TYPES', 'HolaCache', 'HolaDeltaNet', 'HolaDeltaNetConfig',
     'HolaDeltaNetForCausalLM', 'HolaGatedDeltaNet', 'HolaGatedDeltaNetConfig', 'HolaGatedDeltaNetForCausalLM',
-    'MemoryConfig', 'attach_memory', 'memory_layers',
+    'MemoryConfig', 'attach_memory', 'hola_config_from_base', 'memory_layers', 'retrofit_model',
 ]

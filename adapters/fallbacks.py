@@ -1,5 +1,8 @@
 """Pure-PyTorch fallbacks that let fla 0.6.0 models run forward and generate on a CPU.
 
+(Also: where the `flash_attn` package is missing, SDPA stand-ins for the two flash-attn functions
+that fla's `Attention` layer calls, so hybrid checkpoints load and run; see `install()`.)
+
 fla's short convolution, norms, gated MLP, fused cross-entropy and delta-rule kernels are
 Triton-only: on a CPU every forward fails ("0 active drivers"). `install()` wraps those entry
 points so that a call whose tensors are *not* on a CUDA device runs the plain PyTorch
@@ -155,6 +158,60 @@ def delta_rule_cpu(q, k, v, beta, scale=None, initial_state=None, output_final_s
     return _join(outs, cu_seqlens), final
 
 
+# --------------------------------------------------------------------------- attention (hybrids)
+
+def rotary_cpu(x, cos, sin, seqlen_offsets=0, cu_seqlens=None, interleaved=False, inplace=False,
+               conjugate=False, **_):
+    """fla's rotary_embedding_fwdbwd, with its reference formula, per (packed) sequence."""
+    from fla.modules.rotary.ops import rotary_embedding_ref
+    if conjugate:
+        sin = -sin
+    B, T = x.shape[:2]
+    spans = ([(b, 0, T) for b in range(B)] if cu_seqlens is None else
+             [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())])
+    y = x.clone()
+    for n, (b, s, e) in enumerate(spans):
+        off = seqlen_offsets if isinstance(seqlen_offsets, int) else int(seqlen_offsets[n])
+        pos = torch.arange(s - s + off, off + e - s, device=x.device)
+        y[b, s:e] = rotary_embedding_ref(x[b, s:e].float()[None], cos[pos].float(), sin[pos].float(),
+                                         interleaved)[0].to(x.dtype)
+    if inplace:
+        x.copy_(y)
+        return x
+    return y
+
+
+def _sdpa(q, k, v, causal, window_size):
+    """q [Tq, H, D], k/v [Tk, Hk, D]; flash-attn semantics (causal aligned to the bottom right)."""
+    Tq, Tk = q.shape[0], k.shape[0]
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    i = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
+    j = torch.arange(Tk, device=q.device)[None, :]
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed &= j <= i
+    if window_size is not None and window_size[0] >= 0:
+        allowed &= j >= i - window_size[0]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).float(),
+                                       v.transpose(0, 1).float(), attn_mask=allowed)
+    return o.transpose(0, 1).to(q.dtype)
+
+
+def flash_attn_func_sdpa(q, k, v, causal=False, window_size=(-1, -1), **_):
+    """Stand-in for flash_attn.flash_attn_func ([B, T, H, D]) through PyTorch SDPA."""
+    return torch.stack([_sdpa(q[b], k[b], v[b], causal, window_size) for b in range(q.shape[0])])
+
+
+def flash_attn_varlen_func_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                                causal=False, window_size=(-1, -1), **_):
+    """Stand-in for flash_attn.flash_attn_varlen_func ([total, H, D]) through PyTorch SDPA."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return torch.cat([_sdpa(q[cq[n]:cq[n + 1]], k[ck[n]:ck[n + 1]], v[ck[n]:ck[n + 1]], causal, window_size)
+                      for n in range(len(cq) - 1)])
+
+
 # --------------------------------------------------------------------------- install
 
 def _dispatch(original, fallback):
@@ -224,4 +281,13 @@ def install() -> None:
             fn = getattr(mod, name)
             if not getattr(fn, '__hola_fallback__', False):
                 setattr(mod, name, _dispatch(fn, fb))
+    import fla.layers.attn as fla_attn
+    import fla.modules.rotary.ops as fla_rotary
+    if not getattr(fla_rotary.rotary_embedding_fwdbwd, '__hola_fallback__', False):
+        fla_rotary.rotary_embedding_fwdbwd = _dispatch(fla_rotary.rotary_embedding_fwdbwd, rotary_cpu)
+    if fla_attn.flash_attn_func is None:
+        # flash_attn is not installed (CPU, and the lent GPUs): fla's hybrid attention layers cannot even be
+        # built. SDPA stand-ins with flash-attn's semantics let hybrid checkpoints load and run anywhere.
+        fla_attn.flash_attn_func = flash_attn_func_sdpa
+        fla_attn.flash_attn_varlen_func = flash_attn_varlen_func_sdpa
     _INSTALLED = True

@@ -121,6 +121,33 @@ SUPPORTED_BASE_TYPES = tuple(HOLA_CLASSES)
 HOLA_TYPES = tuple(c.model_type for c, _ in HOLA_CLASSES.values())
 
 
+_NOT_COPIED = ('model_type', 'architectures', 'transformers_version', 'auto_map', 'hola', 'hola_base',
+               '_name_or_path')
+
+
+def hola_config_from_base(base_config, mem: MemoryConfig, base_info: dict | None = None):
+    """The config of the retrofitted model: every base field, plus `hola` and `hola_base`."""
+    if base_config.model_type not in HOLA_CLASSES:
+        raise ValueError(f"unsupported model type {base_config.model_type!r}; supported: "
+                         f"{', '.join(SUPPORTED_BASE_TYPES)}")
+    cfg_cls, model_cls = HOLA_CLASSES[base_config.model_type]
+    fields = {k: v for k, v in base_config.to_dict().items() if k not in _NOT_COPIED}
+    config = cfg_cls(hola=mem.to_dict(), hola_base=base_info, **fields)
+    config.architectures = [model_cls.__name__]
+    return config
+
+
+def retrofit_model(base_model, mem: MemoryConfig, base_info: dict | None = None):
+    """A memory-augmented copy of an in-memory fla model (base weights copied, memory initialised)."""
+    config = hola_config_from_base(base_model.config, mem, base_info)
+    model = HOLA_CLASSES[base_model.config.model_type][1](config)
+    model.to(dtype=next(base_model.parameters()).dtype, device=next(base_model.parameters()).device)
+    missing, unexpected = model.load_state_dict(base_model.state_dict(), strict=False)
+    if unexpected or any('.mem_' not in k for k in missing):
+        raise RuntimeError(f"weights do not match: missing {missing}, unexpected {unexpected}")
+    return model.train(base_model.training)
+
+
 def register() -> None:
     for cfg_cls, model_cls in HOLA_CLASSES.values():
         AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
