@@ -1,0 +1,192 @@
+"""The `hola-retrofit` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..adapters.config import EVICTIONS, READ_RULES, MemoryConfig
+from ..retrofit.errors import RetrofitError
+
+BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # one block is one tile of the fused kernels: a power of 2, >= 16
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(getattr(e, 'exit_code', 1))
+
+
+def _split_rev(src: str, revision: str | None) -> tuple[str, str | None]:
+    if '@' in src and revision is None and not src.startswith(('.', '/', '~')):
+        src, revision = src.split('@', 1)
+    return src, revision
+
+
+def _block(ctx, param, value):
+    if value is not None and value not in BLOCK_SIZES:
+        raise click.BadParameter(f"{value} is not a block size the kernels allow; use one of "
+                                 f"{', '.join(map(str, BLOCK_SIZES))}")
+    return value
+
+
+def memory_options(f):
+    opts = [
+        click.option('--cache', 'cache', type=click.IntRange(min=0), required=True,
+                     help='Entries kept per layer and value head (M). 0 with --no-block-read: memory off.'),
+        click.option('--block', 'block', type=int, default=64, show_default=True, callback=_block,
+                     help='Block size C: queries read their block exactly; the cache merges at block ends.'),
+        click.option('--read', 'read_rule', type=click.Choice(READ_RULES), default='shared', show_default=True,
+                     help="Combination rule: 'shared' (training-free: the state is the sink's value) or "
+                          "'gated' (HOLA's gated sum).")
+        , click.option('--eviction', type=click.Choice(EVICTIONS), default='surprise', show_default=True,
+                       help="'surprise' keeps the top-M beta*||e||; 'recency' keeps the last M tokens."),
+        click.option('--block-read/--no-block-read', 'read_block', default=True, show_default=True,
+                     help='Whether queries read the current block.'),
+        click.option('--gamma', 'gamma_init', type=float, default=MemoryConfig.gamma_init, show_default=True,
+                     help='Initial RMSNorm-gamma of the cache-path q and k.'),
+        click.option('--sink', 'sink_init', type=float, default=MemoryConfig.sink_init, show_default=True,
+                     help='Initial sink logit.'),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _memory(kw) -> MemoryConfig:
+    return MemoryConfig(cache_size=kw['cache'], block_size=kw['block'], read_rule=kw['read_rule'],
+                        eviction=kw['eviction'], read_block=kw['read_block'], gamma_init=kw['gamma_init'],
+                        sink_init=kw['sink_init'])
+
+
+@click.group(context_settings={'help_option_names': ['-h', '--help']})
+@click.version_option(package_name='hola-retrofit')
+def main():
+    """Give pretrained Gated DeltaNet / DeltaNet checkpoints (flash-linear-attention) an exact memory."""
+
+
+@main.command()
+@click.argument('src')
+@memory_options
+@click.option('--out', type=click.Path(file_okay=False), help='Output folder (must not exist, unless --force).')
+@click.option('--push-to-hub', 'push', metavar='REPO', help='Upload the result to this Hub repo.')
+@click.option('--private', is_flag=True, help='With --push-to-hub: create the repo private.')
+@click.option('--revision', help='With --push-to-hub: the branch to push to.')
+@click.option('--commit-message', help='With --push-to-hub: the commit message.')
+@click.option('--source-revision', help='Revision of a Hub SRC (also: SRC@REV).')
+@click.option('--dtype', type=click.Choice(['float32', 'bfloat16', 'float16']), help='Cast the base weights.')
+@click.option('--force', is_flag=True, help='Replace an existing --out folder.')
+@click.option('-q', '--quiet', is_flag=True, help='No progress bars.')
+def convert(src, out, push, private, revision, commit_message, source_revision, dtype, force, quiet, **kw):
+    """Convert SRC (a local folder or a Hub repo id) into a memory-augmented checkpoint."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ..retrofit.convert import convert as do_convert
+    from ..retrofit.hub import push_folder
+
+    if not out and not push:
+        raise click.UsageError('give --out DIR, --push-to-hub REPO, or both')
+    if (private or revision or commit_message) and not push:
+        raise click.UsageError('--private, --revision and --commit-message go with --push-to-hub')
+    src, source_revision = _split_rev(src, source_revision)
+    tmp = None
+    try:
+        mem = _memory(kw)
+        if out is None:
+            tmp = Path(tempfile.mkdtemp(prefix='hola-push-'))
+            out = tmp / 'model'
+        path = do_convert(src, out, mem, revision=source_revision, dtype=dtype, force=force, progress=not quiet)
+        if tmp is None:
+            click.echo(f"wrote {path}")
+        if push:
+            from ..retrofit.card import write_model_card
+            from transformers import AutoConfig
+            write_model_card(path, AutoConfig.from_pretrained(path), repo_id=push)
+            url = push_folder(path, push, private=private, revision=revision, commit_message=commit_message)
+            click.echo(f"pushed to {url}")
+    except (RetrofitError, ValueError) as e:
+        _fail(e)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@main.command()
+@click.argument('model')
+@click.option('--revision', help='Hub revision of MODEL.')
+@click.option('--cache', type=click.IntRange(min=0), default=None, help='For a base model: the M to report.')
+@click.option('--block', type=int, default=64, callback=_block, help='For a base model: the C to report.')
+@click.option('--json', 'as_json', is_flag=True, help='Print JSON.')
+def info(model, revision, cache, block, as_json):
+    """Architecture, patched layers, memory settings and memory bytes of MODEL."""
+    from ..retrofit.info import model_info
+    model, revision = _split_rev(model, revision)
+    try:
+        mem = MemoryConfig(cache_size=cache, block_size=block) if cache is not None else None
+        d = model_info(model, revision, mem)
+    except (RetrofitError, ValueError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(d, indent=1))
+        return
+    click.echo(f"{d['source']}: {d['model_type']}{'' if d['converted'] else ' (base: values for a conversion)'}")
+    if d['base']:
+        click.echo(f"  base model: {d['base'].get('model_id')} @ {d['base'].get('revision')}")
+    click.echo(f"  layers: {d['num_layers']}, memory in {len(d['patched_layers'])}: {d['patched_layers']}")
+    for layer in d['layers']:
+        if not layer['memory_bytes']:
+            click.echo(f"  layer {layer['layer']}: {layer['mixer']} (left alone)")
+    click.echo("  memory: " + ", ".join(f"{k}={v}" for k, v in d['memory'].items()))
+    click.echo(f"  memory parameters: {d['memory_parameters']:,}")
+    per = {layer['memory_bytes'] for layer in d['layers'] if layer['memory_bytes']}
+    click.echo(f"  memory per sequence ({d['dtype']}): {', '.join(f'{b:,}' for b in sorted(per))} bytes per layer, "
+               f"{d['memory_bytes_total']:,} bytes in total, at any context length")
+
+
+@main.command()
+@click.argument('out', type=click.Path(file_okay=False))
+@click.option('--arch', type=click.Choice(['gdn', 'deltanet', 'hybrid']), default='gdn', show_default=True)
+@click.option('--hidden', type=click.IntRange(min=16), default=64, show_default=True)
+@click.option('--layers', type=click.IntRange(min=1), default=2, show_default=True)
+@click.option('--seed', type=int, default=0, show_default=True)
+def example(out, arch, hidden, layers, seed):
+    """Write a tiny random fla checkpoint (byte-level tokenizer) to OUT: a default to try the tools on."""
+    from pathlib import Path
+
+    from ..retrofit.example import make_example_checkpoint
+    if Path(out).exists():
+        _fail(RetrofitError(f"{out} exists"))
+    make_example_checkpoint(out, arch, seed, hidden, layers)
+    click.echo(f"wrote {out} (random weights: {arch}, hidden {hidden}, {layers} layers)")
+
+
+@main.command()
+@click.argument('model')
+@click.argument('prompt')
+@click.option('--max-new-tokens', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--device', default=None, help='cpu, cuda, ... (default: cuda if available)')
+def generate(model, prompt, max_new_tokens, device):
+    """Load MODEL with from_pretrained and greedily continue PROMPT."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+        lm = AutoModelForCausalLM.from_pretrained(model).to(device).eval()
+    except (OSError, ValueError) as e:
+        _fail(RetrofitError(f"cannot load {model}: {e}"))
+    ids = tok(prompt, return_tensors='pt').to(device)
+    with torch.no_grad():
+        out = lm.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    click.echo(tok.decode(out[0], skip_special_tokens=True))
+    cache_note = ''
+    if hasattr(lm.config, 'hola'):
+        cache_note = f" (memory: M={lm.config.hola['cache_size']}, C={lm.config.hola['block_size']})"
+    click.echo(f"[{type(lm).__name__}{cache_note} on {device}]", err=True)
+
+
+if __name__ == '__main__':
+    main()
