@@ -281,6 +281,13 @@ def install() -> None:
             fn = getattr(mod, name)
             if not getattr(fn, '__hola_fallback__', False):
                 setattr(mod, name, _dispatch(fn, fb))
+    def _conv_fn(x, weight=None, bias=None, residual=None, initial_state=None, output_final_state=False,
+                 activation=None, cu_seqlens=None, **_):
+        return short_conv(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens,
+                          residual=residual)
+    if not getattr(fla_gdn.causal_conv1d, '__hola_fallback__', False):  # GDN's fused q/k/v conv (no cache)
+        fla_gdn.causal_conv1d = _dispatch(fla_gdn.causal_conv1d, _conv_fn)
+
     import fla.layers.attn as fla_attn
     import fla.modules.rotary.ops as fla_rotary
     if not getattr(fla_rotary.rotary_embedding_fwdbwd, '__hola_fallback__', False):

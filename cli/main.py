@@ -146,6 +146,95 @@ def info(model, revision, cache, block, as_json):
                f"{d['memory_bytes_total']:,} bytes in total, at any context length")
 
 
+def _lengths(ctx, param, value):
+    from ..evals.tasks import parse_length
+    try:
+        out = [parse_length(v) for v in value.split(',') if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give lengths like 2k,4k,8k or 2048,4096") from None
+    if not out or min(out) < 16:
+        raise click.BadParameter("lengths must be >= 16 tokens")
+    return out
+
+
+def _depths(ctx, param, value):
+    try:
+        out = [float(v) for v in value.split(',') if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give depths like 0,0.5,1") from None
+    if not out or not all(0.0 <= d <= 1.0 for d in out):
+        raise click.BadParameter("depths are fractions in [0, 1]")
+    return out
+
+
+@main.command('eval')
+@click.argument('model')
+@click.option('--baseline', help='Base model to compare with (default: MODEL with its memory off, '
+                                 'which computes exactly what the base checkpoint computes).')
+@click.option('--task', 'tasks', type=click.Choice(['niah', 'multikey', 'kv', 'ppl']), multiple=True,
+              default=['niah'], show_default=True, help='Repeat for several tasks.')
+@click.option('--lengths', default='2k,4k,8k,16k,32k', show_default=True, callback=_lengths)
+@click.option('--depths', default='0,0.25,0.5,0.75,1', show_default=True, callback=_depths)
+@click.option('--trials', type=click.IntRange(min=1), default=3, show_default=True)
+@click.option('--seed', type=int, default=0, show_default=True)
+@click.option('--haystack', type=click.Path(exists=True, dir_okay=False), help='Filler text file.')
+@click.option('--text', type=click.Path(exists=True, dir_okay=False), help='Text file for ppl.')
+@click.option('--needle', help='Needle template with {key}.')
+@click.option('--question', help='Question template (the answer follows it).')
+@click.option('--out', 'out_dir', type=click.Path(file_okay=False), default='hola-eval', show_default=True)
+@click.option('--device', default=None, help='cpu, cuda, ... (default: cuda if available)')
+@click.option('--dtype', type=click.Choice(['float32', 'bfloat16', 'float16']), default=None)
+@click.option('-q', '--quiet', is_flag=True)
+def eval_cmd(model, baseline, tasks, lengths, depths, trials, seed, haystack, text, needle, question, out_dir,
+             device, dtype, quiet):
+    """Recall (needle, multi-key, key-value) and perplexity of MODEL against its base; table, JSON, PNG."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..evals.runner import compare, memory_off, summary_table
+    from ..evals.tasks import Templates
+
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    kw = {'dtype': getattr(torch, dtype)} if dtype else {}
+    templates = Templates()
+    if needle:
+        if '{key}' not in needle:
+            raise click.BadParameter('the needle template needs {key}', param_hint='--needle')
+        templates.needle = needle
+    if question:
+        templates.question = question
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+        lm = AutoModelForCausalLM.from_pretrained(model, **kw).to(device).eval()
+        models = {'retrofit' if hasattr(lm.config, 'hola') else 'model': lm}
+        if baseline:
+            models['base'] = AutoModelForCausalLM.from_pretrained(baseline, **kw).to(device).eval()
+        elif hasattr(lm.config, 'hola'):
+            models = {'base': (lm, memory_off), **models}
+    except (OSError, ValueError) as e:
+        _fail(RetrofitError(f"cannot load: {e}"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    read = lambda p: Path(p).read_text() if p else None  # noqa: E731
+    all_results = []
+    for task in tasks:
+        res = compare(models, tok, task, lengths, depths, trials, seed, templates, read(haystack), read(text),
+                      progress=not quiet)
+        res['model'], res['device'] = model, str(device)
+        all_results.append(res)
+        click.echo(summary_table(res))
+        try:
+            from ..evals.plots import write_plots
+            for f in write_plots(res, out):
+                click.echo(f"plot: {f}")
+        except ImportError:
+            click.echo("matplotlib is not installed: no plots (pip install 'hola-retrofit[plots]')", err=True)
+    (out / 'results.json').write_text(json.dumps(all_results, indent=1, default=str))
+    click.echo(f"results: {out / 'results.json'}")
+
+
 @main.command()
 @click.argument('out', type=click.Path(file_okay=False))
 @click.option('--arch', type=click.Choice(['gdn', 'deltanet', 'hybrid']), default='gdn', show_default=True)

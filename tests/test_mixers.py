@@ -45,6 +45,9 @@ def test_memory_off_equals_base(name):
     model = hola_from_base(base, cache_size=0, read_block=False)
     ids = torch.randint(3, VOCAB, (2, 45))
     assert torch.equal(model(ids).logits, base(ids).logits)
+    # without a cache fla's GDN takes its fused q/k/v convolution path
+    assert torch.equal(model(ids, use_cache=False).logits, base(ids, use_cache=False).logits)
+    assert rel(base(ids, use_cache=False).logits, base(ids).logits) < 1e-5
     a, _ = run_split(model, ids, [20, 1, 24])
     b, _ = run_split(base, ids, [20, 1, 24])
     assert torch.equal(a, b)

@@ -1,0 +1,131 @@
+"""Run evaluation cases on models: recall by exact match (teacher forcing), perplexity by windows.
+
+Scoring: a recall case counts 1 iff the model's greedy continuation of the prompt is exactly the
+answer, checked in one forward pass over prompt + answer (greedy decoding produces the answer iff
+every answer token is the argmax given the correct prefix).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks import Templates, default_text, make_case
+
+RECALL_TASKS = ('niah', 'multikey', 'kv')
+
+
+@contextlib.contextmanager
+def memory_off(model):
+    """Temporarily run a retrofitted model as its base (cache 0, no block read): bit-identical to base."""
+    from ..adapters.config import MemoryConfig
+    from ..adapters.mixers import attach_memory, memory_layers
+    layers = memory_layers(model)
+    saved = [m.hola for m in layers]
+    attach_memory(model, MemoryConfig(cache_size=0, read_block=False))
+    try:
+        yield model
+    finally:
+        for m, cfg in zip(layers, saved):
+            m.hola = cfg
+
+
+def _device(model):
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device('cpu')
+
+
+@torch.no_grad()
+def score_case(model, case) -> dict:
+    dev = _device(model)
+    ids = torch.tensor([case.prompt + case.answer[:-1]], device=dev)
+    n = len(case.answer)
+    logits = model(input_ids=ids, logits_to_keep=n, use_cache=False).logits[0, -n:]
+    pred = logits.argmax(-1).tolist()
+    return {'correct': float(pred == case.answer), 'pred': pred}
+
+
+def evaluate_recall(model, tok, task: str, lengths: list[int], depths: list[float], trials: int = 1,
+                    seed: int = 0, templates: Templates | None = None, haystack: str | None = None,
+                    progress: bool = True, desc: str = '') -> dict:
+    """{'scores': {length: {depth: mean exact match}}, 'cases': [...]} for one model."""
+    scores, cases = {}, []
+    total = len(lengths) * len(depths) * trials
+    bar = tqdm(total=total, desc=desc or task, disable=not progress)
+    for L in lengths:
+        scores[L] = {}
+        for d in depths:
+            hits = []
+            for t in range(trials):
+                case = make_case(tok, task, L, d, t, seed, templates, haystack)
+                t0 = time.time()
+                r = score_case(model, case)
+                hits.append(r['correct'])
+                cases.append({'length': L, 'depth': d, 'trial': t, 'tokens': len(case.prompt),
+                              'correct': r['correct'], 'seconds': round(time.time() - t0, 3), **case.meta})
+                bar.update(1)
+            scores[L][d] = sum(hits) / len(hits)
+    bar.close()
+    return {'scores': scores, 'cases': cases}
+
+
+@torch.no_grad()
+def evaluate_ppl(model, tok, lengths: list[int], text: str | None = None, max_windows: int = 8,
+                 progress: bool = True, desc: str = 'ppl') -> dict:
+    """Perplexity of `text` cut into non-overlapping windows of each length (all tokens of a window scored)."""
+    ids = tok(text or default_text(), add_special_tokens=False).input_ids
+    dev = _device(model)
+    out = {}
+    for L in tqdm(lengths, desc=desc, disable=not progress):
+        if len(ids) < 2:
+            raise ValueError("the perplexity text is shorter than two tokens")
+        L_eff = min(L, len(ids))
+        nll, count = 0.0, 0
+        for w in range(min(max_windows, max(1, len(ids) // L_eff))):
+            window = torch.tensor([ids[w * L_eff:(w + 1) * L_eff]], device=dev)
+            logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction='sum').item()
+            count += window.shape[1] - 1
+        out[L] = {'ppl': math.exp(nll / count), 'tokens': count, 'window': L_eff}
+    return out
+
+
+def compare(models: dict, tok, task: str, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=1, seed=0,
+            templates=None, haystack=None, text=None, progress=True) -> dict:
+    """Run one task on several models (name -> model, or name -> (model, context manager factory))."""
+    results = {'task': task, 'lengths': list(lengths), 'depths': list(depths), 'trials': trials, 'seed': seed,
+               'models': {}}
+    for name, entry in models.items():
+        model, ctx = entry if isinstance(entry, tuple) else (entry, contextlib.nullcontext)
+        with ctx(model):
+            if task == 'ppl':
+                results['models'][name] = evaluate_ppl(model, tok, list(lengths), text, progress=progress,
+                                                       desc=f'{name} ppl')
+            else:
+                results['models'][name] = evaluate_recall(model, tok, task, list(lengths), list(depths), trials,
+                                                          seed, templates, haystack, progress, f'{name} {task}')
+    return results
+
+
+def summary_table(results: dict) -> str:
+    """One row per length, one column per model: mean recall over depths, or perplexity."""
+    names = list(results['models'])
+    head = f"{'length':>8} | " + ' | '.join(f'{n:>12}' for n in names)
+    lines = [f"task: {results['task']}", head, '-' * len(head)]
+    for L in results['lengths']:
+        cells = []
+        for n in names:
+            r = results['models'][n]
+            if results['task'] == 'ppl':
+                cells.append(f"{r[L]['ppl']:12.3f}")
+            else:
+                row = r['scores'][L]
+                cells.append(f"{sum(row.values()) / len(row):12.3f}")
+        lines.append(f"{L:>8} | " + ' | '.join(cells))
+    return '\n'.join(lines)
