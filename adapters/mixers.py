@@ -1,9 +1,8 @@
 """Memory-augmented drop-in replacements for fla's GatedDeltaNet and DeltaNet mixers.
 
 `attach_memory(model, cfg)` turns every GDN/DeltaNet mixer of an fla causal LM into its
-memory-augmented subclass in place: every pretrained weight stays where it was, four small
-parameter tensors per layer are added (`mem_q_gamma`, `mem_k_gamma` [HV, K], `mem_sink`,
-`mem_gate` [HV]), and standard-attention layers of hybrid models are left alone.
+memory-augmented subclass in place: every pretrained weight stays where it was, one small module
+`attn.mem` per layer is added, and standard-attention layers of hybrid models are left alone.
 """
 
 from __future__ import annotations
@@ -24,6 +23,34 @@ from .state import _expand, _spans, state_forward
 MEMORY_KEY = 'hola_memory'
 
 
+class MemoryParams(nn.Module):
+    """The memory's own parameters, packed in one tensor `weight` [HV, 2K + 2]:
+    columns [0, K) gamma of the cache-path q, [K, 2K) gamma of k, 2K the sink logit, 2K + 1 the gate logit.
+    One module with one `weight` so PEFT can train it as a unit (LN-tuning, or `modules_to_save` with LoRA)."""
+
+    def __init__(self, hv: int, k: int, device=None):
+        super().__init__()
+        self.k = k
+        self.weight = nn.Parameter(torch.empty(hv, 2 * k + 2, device=device, dtype=torch.float32))
+
+    @staticmethod
+    def initial(hv: int, k: int, cfg: MemoryConfig) -> torch.Tensor:
+        w = torch.empty(hv, 2 * k + 2, dtype=torch.float32)
+        w[:, :2 * k] = cfg.gamma_init
+        w[:, 2 * k] = cfg.sink_init
+        w[:, 2 * k + 1] = cfg.gate_init
+        return w
+
+    @torch.no_grad()
+    def reset(self, cfg: MemoryConfig) -> None:
+        if self.weight.device.type != 'meta':
+            self.weight.copy_(self.initial(self.weight.shape[0], self.k, cfg))
+
+    def forward(self, x=None) -> dict[str, torch.Tensor]:
+        w, k = self.weight, self.k
+        return {'q_gamma': w[:, :k], 'k_gamma': w[:, k:2 * k], 'sink': w[:, 2 * k], 'gate': w[:, 2 * k + 1]}
+
+
 class HolaMixin:
     """Memory parameters and the forward shared by both mixers. Subclasses define `_inputs`."""
 
@@ -36,25 +63,11 @@ class HolaMixin:
 
     def _init_memory(self, cfg: MemoryConfig) -> None:
         self.hola = cfg
-        ref = self.q_proj.weight
-        hv, k = self.num_value_heads, self.head_k_dim
-        kw = dict(device=ref.device, dtype=torch.float32)
-        self.mem_q_gamma = nn.Parameter(torch.empty(hv, k, **kw))
-        self.mem_k_gamma = nn.Parameter(torch.empty(hv, k, **kw))
-        self.mem_sink = nn.Parameter(torch.empty(hv, **kw))
-        self.mem_gate = nn.Parameter(torch.empty(hv, **kw))
+        self.mem = MemoryParams(self.num_value_heads, self.head_k_dim, device=self.q_proj.weight.device)
         self.reset_memory_parameters()
 
-    @torch.no_grad()
     def reset_memory_parameters(self) -> None:
-        self.mem_q_gamma.fill_(self.hola.gamma_init)
-        self.mem_k_gamma.fill_(self.hola.gamma_init)
-        self.mem_sink.fill_(self.hola.sink_init)
-        self.mem_gate.fill_(self.hola.gate_init)
-
-    def memory_params(self) -> dict[str, torch.Tensor]:
-        return {'q_gamma': self.mem_q_gamma, 'k_gamma': self.mem_k_gamma, 'sink': self.mem_sink,
-                'gate': self.mem_gate}
+        self.mem.reset(self.hola)
 
     def _conv_qkv(self, x, last_state, use_cache, cu_seqlens):
         conv_state = (None, None, None)
@@ -94,7 +107,7 @@ class HolaMixin:
         if mem is None or mem['seen'].shape[0] != len(spans):
             mem = empty_memory(len(spans), HV, self.head_k_dim, V, self.hola, v.dtype, v.device)
         qn, kn = _expand(l2_normalize(q), HV), _expand(l2_normalize(k), HV)
-        params = self.memory_params()
+        params = self.mem(x)
         o = torch.empty_like(o_state)
         scale = self.head_k_dim ** -0.5
         for n, (b, s, e) in enumerate(spans):

@@ -143,7 +143,7 @@ def retrofit_model(base_model, mem: MemoryConfig, base_info: dict | None = None)
     model = HOLA_CLASSES[base_model.config.model_type][1](config)
     model.to(dtype=next(base_model.parameters()).dtype, device=next(base_model.parameters()).device)
     missing, unexpected = model.load_state_dict(base_model.state_dict(), strict=False)
-    if unexpected or any('.mem_' not in k for k in missing):
+    if unexpected or any('.mem.' not in k for k in missing):
         raise RuntimeError(f"weights do not match: missing {missing}, unexpected {unexpected}")
     return model.train(base_model.training)
 

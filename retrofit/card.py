@@ -32,7 +32,7 @@ def write_model_card(folder: Path, config, repo_id: str | None = None) -> None:
 [hola-retrofit](https://pypi.org/project/hola-retrofit/): per layer and head, a cache of the
 `cache_size` tokens with the largest delta-rule correction `beta*||e||`, read with a decoupled
 RMSNorm-gamma attention next to the recurrent state. The base weights are unchanged; the memory adds
-`mem_q_gamma`, `mem_k_gamma`, `mem_sink`, `mem_gate` per layer. It is *not* trained unless this card
+one tensor per layer, `attn.mem.weight` [value heads, 2 * head_k_dim + 2] (q gamma, k gamma, sink, gate). It is *not* trained unless this card
 says it was calibrated.
 
 ## Memory settings

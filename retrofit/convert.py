@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.config import MemoryConfig
+from ..adapters.mixers import MemoryParams
 from ..adapters.modeling import HOLA_CLASSES, HOLA_TYPES, SUPPORTED_BASE_TYPES, hola_config_from_base
 from .card import write_model_card
 from .errors import OutputExistsError, RetrofitError, SourceError, UnsupportedModelError
@@ -83,19 +84,16 @@ def _iter_tensors(path: Path):
 
 
 def expected_parameters(config) -> tuple[dict, dict, set]:
-    """Names and shapes of base tensors and of the memory tensors (with their initial value),
+    """Names and shapes of base tensors, and the memory tensors with their initial values,
     read off the model built on the meta device (no memory is allocated)."""
     model_cls = HOLA_CLASSES[config.model_type.removeprefix('hola_')][1]
     with torch.device('meta'):
         model = model_cls(config)
     mem = model.config.memory_config
-    init = {'mem_q_gamma': mem.gamma_init, 'mem_k_gamma': mem.gamma_init, 'mem_sink': mem.sink_init,
-            'mem_gate': mem.gate_init}
     base, memory = {}, {}
     for name, p in model.state_dict().items():
-        leaf = name.rsplit('.', 1)[-1]
-        if leaf in init:
-            memory[name] = (p.shape, init[leaf])
+        if '.mem.' in name:
+            memory[name] = MemoryParams.initial(p.shape[0], (p.shape[1] - 2) // 2, mem)
         else:
             base[name] = p.shape
     tied = set(getattr(model, '_tied_weights_keys', None) or {}) if config.tie_word_embeddings else set()
@@ -172,7 +170,7 @@ def _write_weights(files, tmp, base_shapes, tied, mem_tensors, dtype, name, prog
     if missing:
         raise SourceError(f"{name}: weights missing from the checkpoint: {', '.join(sorted(missing)[:5])}"
                           + (' ...' if len(missing) > 5 else ''))
-    memory = {k: torch.full(shape, value, dtype=torch.float32) for k, (shape, value) in mem_tensors.items()}
+    memory = mem_tensors
     save_file(memory, str(tmp / names[-1]), metadata={'format': 'pt'})
     weight_map.update({k: names[-1] for k in memory})
     bar.update(1)

@@ -52,4 +52,4 @@ def model_info(source: str, revision: str | None = None, mem: MemoryConfig | Non
                 num_layers=len(layers), patched_layers=[d['layer'] for d in layers if d['memory_bytes']],
                 memory=mem.to_dict(), dtype=dtype, layers=layers,
                 memory_bytes_total=sum(d['memory_bytes'] for d in layers),
-                memory_parameters=sum(p.numel() for n, p in model.named_parameters() if '.mem_' in n))
+                memory_parameters=sum(p.numel() for n, p in model.named_parameters() if '.mem.' in n))

@@ -207,7 +207,7 @@ def test_hybrid_attention_layers_untouched():
     model = retrofit_model(base, MemoryConfig(cache_size=4, block_size=4))
     assert model.hola_layers == [0, 2]
     assert type(model.model.layers[1].attn).__name__ == 'Attention'
-    assert not any('.mem_' in n for n, _ in model.model.layers[1].named_parameters())
+    assert not any('.mem.' in n for n, _ in model.model.layers[1].named_parameters())
     with torch.no_grad():
         ids = torch.randint(3, VOCAB, (2, 21))
         full = model.eval()(ids).logits
@@ -231,7 +231,7 @@ def test_memory_params_get_gradients(kind):
     ids = torch.randint(3, VOCAB, (2, 19))
     model(ids, labels=ids).loss.backward()
     for n, p in model.named_parameters():
-        if '.mem_' in n:
+        if '.mem.' in n:
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
     assert isinstance(HolaCache(), HolaCache)
     attach_memory(model, MemoryConfig(cache_size=0, read_block=False))  # re-attaching only changes settings
