@@ -85,11 +85,49 @@ def _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_ne
         with torch.no_grad():
             _, score, _ = _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
                                       initial_state, cu_seqlens, scale)
-        o, final = _fla_chunk(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                              initial_state, cu_seqlens)
+        if kind == 'gdn' and gdn_backward_problem():
+            o, final = _torch_chunk_gdn(q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state,
+                                        cu_seqlens)
+        else:
+            o, final = _fla_chunk(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+                                  initial_state, cu_seqlens)
         return o, score, final
     return _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
                        initial_state, cu_seqlens, scale)
+
+
+def gdn_backward_problem() -> str | None:
+    """Why fla's fused GDN backward cannot run here, or None. fla issue #640: on Hopper with
+    3.4 <= triton < 3.7.1, `chunk_bwd_dqkwg` refuses to compile."""
+    import os
+    if os.environ.get('HOLA_GDN_BACKWARD') == 'fla' or not torch.cuda.is_available():
+        return None
+    import triton
+    version = tuple(int(p) for p in triton.__version__.split('+')[0].split('.')[:3] if p.isdigit())
+    forced = os.environ.get('HOLA_GDN_BACKWARD') == 'torch'
+    if forced or (torch.cuda.get_device_capability()[0] == 9 and (3, 4) <= version < (3, 7, 1)):
+        return (f"triton {triton.__version__} on {torch.cuda.get_device_name()}: fla's fused GDN backward does not "
+                "run here (fla issue #640); gradients use a PyTorch chunked delta rule instead (slower). "
+                "Install triton >= 3.7.1 for the fused backward.")
+    return None
+
+
+def _torch_chunk_gdn(q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens):
+    """An autograd-capable GDN forward in PyTorch (fla's chunked naive reference), same layouts as fla's."""
+    from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
+    B, T, H, K = q.shape
+    HV = v.shape[2]
+    qn, kn = _expand(l2_normalize(q), HV), _expand(l2_normalize(k), HV)
+    beta, g = _beta('gdn', beta_raw, allow_neg_eigval), gdn_decay(a_raw, A_log, dt_bias)
+    outs, finals = [], []
+    for n, (b, s, e) in enumerate(_spans(B, T, cu_seqlens)):
+        h0 = initial_state[n:n + 1].transpose(-1, -2).float() if initial_state is not None else None
+        o, ht = naive_chunk_gated_delta_rule(qn[b:b + 1, s:e], kn[b:b + 1, s:e], v[b:b + 1, s:e].float(), g[b:b + 1, s:e],
+                                             beta[b:b + 1, s:e], scale=K ** -0.5, initial_state=h0,
+                                             output_final_state=True)
+        outs.append(o.to(v.dtype)), finals.append(ht.transpose(-1, -2))
+    o = torch.cat(outs, 1 if cu_seqlens is not None else 0)
+    return o, torch.cat(finals).contiguous()
 
 
 def _fla_chunk(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens):

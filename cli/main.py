@@ -236,6 +236,57 @@ def eval_cmd(model, baseline, tasks, lengths, depths, trials, seed, haystack, te
 
 
 @main.command()
+@click.argument('model')
+@click.option('--data', type=click.Path(exists=True, dir_okay=False), required=True, help='A text file.')
+@click.option('--steps', type=click.IntRange(min=1), default=200, show_default=True)
+@click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option('--lora-r', type=click.IntRange(min=0), default=0, show_default=True,
+              help='LoRA rank on the mixer projections (0: train the memory parameters only).')
+@click.option('--batch-size', type=click.IntRange(min=1), default=4, show_default=True)
+@click.option('--seq-len', type=click.IntRange(min=8), default=512, show_default=True)
+@click.option('--eval-lengths', default=None, help='Also measure needle recall at these lengths, before/after.')
+@click.option('--out', type=click.Path(file_okay=False), help='Output folder (merged model + peft_adapter/).')
+@click.option('--push-to-hub', 'push', metavar='REPO', help='Upload the result to this Hub repo.')
+@click.option('--private', is_flag=True)
+@click.option('--seed', type=int, default=0, show_default=True)
+@click.option('--force', is_flag=True)
+@click.option('-q', '--quiet', is_flag=True)
+def calibrate(model, data, steps, lr, lora_r, batch_size, seq_len, eval_lengths, out, push, private, seed, force, quiet):
+    """Briefly train MODEL's memory parameters (PEFT; optional LoRA) on a text file; `accelerate launch` for many GPUs."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ..retrofit.calibrate import calibrate as do_calibrate
+    from ..retrofit.hub import push_folder
+    if not out and not push:
+        raise click.UsageError('give --out DIR, --push-to-hub REPO, or both')
+    lengths = _lengths(None, None, eval_lengths) if eval_lengths else None
+    tmp = None
+    try:
+        if out is None:
+            tmp = Path(tempfile.mkdtemp(prefix='hola-calib-'))
+            out = tmp / 'model'
+        res = do_calibrate(model, data, out, steps=steps, lr=lr, lora_r=lora_r, batch_size=batch_size,
+                           seq_len=seq_len, seed=seed, force=force, eval_lengths=lengths, progress=not quiet)
+        if res.get('after') is None:
+            return  # not the main process
+        first, last = res['losses'][0], sum(res['losses'][-10:]) / len(res['losses'][-10:])
+        click.echo(f"loss {first:.4f} -> {last:.4f} (mean of the last 10) over {steps} steps; "
+                   f"{res['trainable_parameters']:,} trainable parameters")
+        click.echo(f"before: {res['before']}\nafter:  {res['after']}")
+        if tmp is None:
+            click.echo(f"wrote {out}")
+        if push:
+            click.echo(f"pushed to {push_folder(Path(out), push, private=private)}")
+    except (RetrofitError, ValueError) as e:
+        _fail(e)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@main.command()
 @click.argument('out', type=click.Path(file_okay=False))
 @click.option('--arch', type=click.Choice(['gdn', 'deltanet', 'hybrid']), default='gdn', show_default=True)
 @click.option('--hidden', type=click.IntRange(min=16), default=64, show_default=True)
