@@ -15,6 +15,7 @@ from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 from torch.nn import functional as F
 
+from ..kernels.memory import kernels_enabled, memory_decode_fused, memory_prefill_fused
 from .config import MemoryConfig
 from .fallbacks import l2_normalize
 from .reference import empty_memory, memory_forward
@@ -110,9 +111,16 @@ class HolaMixin:
         params = self.mem(x)
         o = torch.empty_like(o_state)
         scale = self.head_k_dim ** -0.5
-        for n, (b, s, e) in enumerate(spans):
-            o[b, s:e] = memory_forward(mem, n, qn[b, s:e], kn[b, s:e], v[b, s:e], score[b, s:e], o_state[b, s:e],
-                                       params, self.hola, scale).to(o.dtype)
+        fused = kernels_enabled(v)
+        if fused and all(e - s == 1 for _, s, e in spans):  # decode: one fused call for the whole batch
+            b, s = (torch.tensor(x, device=v.device) for x in zip(*[(b, s) for b, s, _ in spans]))
+            o[b, s] = memory_decode_fused(mem, qn[b, s], kn[b, s], v[b, s], score[b, s], o_state[b, s], params,
+                                          self.hola, scale).to(o.dtype)
+        else:
+            step = memory_prefill_fused if fused else memory_forward
+            for n, (b, s, e) in enumerate(spans):
+                o[b, s:e] = step(mem, n, qn[b, s:e], kn[b, s:e], v[b, s:e], score[b, s:e], o_state[b, s:e],
+                                 params, self.hola, scale).to(o.dtype)
         if state is not None:
             state[MEMORY_KEY] = mem
 

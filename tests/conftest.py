@@ -5,8 +5,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU, our Triton kernels run under Triton's interpreter (must be set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 import hola_retrofit  # noqa: E402,F401
 from hola_retrofit.adapters import MemoryConfig, retrofit_model  # noqa: E402

@@ -1,0 +1,149 @@
+"""Fused kernels and the vectorised selection against the PyTorch reference, at several shapes.
+
+Without a GPU these run under TRITON_INTERPRET=1 (set in conftest); on a GPU, compiled."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, hola_from_base, tiny_base
+
+from hola_retrofit.adapters import MemoryConfig
+from hola_retrofit.adapters.reference import empty_memory, memory_forward
+from hola_retrofit.kernels.memory import memory_decode_fused, memory_prefill_fused
+from hola_retrofit.kernels.select import select_caches
+
+DEV = 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setenv('HOLA_POISON', '1')  # kernel outputs start as NaN; rel() fails on any NaN left
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all(), 'NaN/inf'
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize('eviction', ['surprise', 'recency'])
+@pytest.mark.parametrize('M,C,N', [(4, 3, 40), (7, 5, 61), (16, 4, 30), (1, 8, 33)])
+def test_select_equals_brute_force(eviction, M, C, N):
+    g = torch.Generator().manual_seed(M + N)
+    HV = 3
+    score = torch.randint(0, 5, (HV, N), generator=g).float()
+    pos = torch.arange(N).expand(HV, -1).clone()
+    pos[1, 3] = -1  # an empty candidate
+    blocks = torch.arange(0, N // C + 2)
+    idx = select_caches(score, pos, blocks, M, C, eviction)
+    for h in range(HV):
+        for j, b in enumerate(blocks.tolist()):
+            prior = [i for i in range(N) if 0 <= pos[h, i] < b * C]
+            key = (lambda i: (-score[h, i].item(), pos[h, i].item())) if eviction == 'surprise' else \
+                (lambda i: -pos[h, i].item())
+            expect = sorted(prior, key=key)[:M]
+            got = [i for i in idx[h, j].tolist() if i >= 0]
+            assert got == expect, (h, b)
+
+
+def _inputs(L, HV, K, V, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(L, HV, K, generator=g), dim=-1)
+    k = F.normalize(torch.randn(L, HV, K, generator=g), dim=-1)
+    v = torch.randn(L, HV, V, generator=g)
+    score = torch.rand(L, HV, generator=g)
+    o_state = torch.randn(L, HV, V, generator=g) * 0.3
+    params = {'q_gamma': 1 + torch.rand(HV, K, generator=g), 'k_gamma': 1 + torch.rand(HV, K, generator=g),
+              'sink': torch.randn(HV, generator=g) + 2, 'gate': torch.randn(HV, generator=g)}
+    cast = lambda t: t.to(DEV, dtype)  # noqa: E731
+    return (cast(q), cast(k), cast(v), score.to(DEV), cast(o_state),
+            {n: p.to(DEV) for n, p in params.items()})
+
+
+SHAPES = [  # HV, K, V, M, C, splits
+    (2, 16, 16, 8, 16, [37, 21, 1]),
+    (1, 32, 48, 5, 16, [16, 17, 3]),
+    (3, 8, 12, 0, 16, [29]),             # cache off, block read only
+    (2, 16, 32, 12, 32, [7, 70, 2]),
+]
+
+
+@pytest.mark.parametrize('rule', ['shared', 'gated'])
+@pytest.mark.parametrize('shape', SHAPES)
+@torch.no_grad()
+def test_prefill_kernel_equals_reference(shape, rule):
+    HV, K, V, M, C, splits = shape
+    cfg = MemoryConfig(cache_size=M, block_size=C, read_rule=rule)
+    L = sum(splits)
+    q, k, v, score, o_state, params = _inputs(L, HV, K, V, seed=L + M)
+    mem_ref = empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV))
+    mem_fus = empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV))
+    i = 0
+    for n in splits:
+        sl = slice(i, i + n)
+        a = memory_forward(mem_ref, 0, q[sl], k[sl], v[sl], score[sl], o_state[sl], params, cfg, 0.25)
+        out = memory_prefill_fused(mem_fus, 0, q[sl], k[sl], v[sl], score[sl], o_state[sl], params, cfg, 0.25)
+        assert rel(out, a) < 1e-4, (shape, n)
+        i += n
+    for key in ('cache_k', 'cache_v', 'cache_score', 'cache_pos', 'seen'):
+        assert torch.equal(mem_ref[key], mem_fus[key]), key
+    fill = int(mem_ref['seen'][0]) % C
+    assert torch.equal(mem_ref['block_k'][:, :, :fill], mem_fus['block_k'][:, :, :fill])
+
+
+@pytest.mark.parametrize('read_block', [True, False])
+@torch.no_grad()
+def test_decode_kernel_equals_reference(read_block):
+    HV, K, V, M, C = 2, 16, 24, 6, 16
+    cfg = MemoryConfig(cache_size=M, block_size=C, read_block=read_block)
+    N, steps = 2, 2 * C + 5
+    mem_ref = empty_memory(N, HV, K, V, cfg, torch.float32, torch.device(DEV))
+    mem_fus = empty_memory(N, HV, K, V, cfg, torch.float32, torch.device(DEV))
+    # different histories per sequence: 23 and 40 prefilled tokens
+    for n, L in enumerate((23, 40)):
+        q, k, v, score, o_state, params = _inputs(L, HV, K, V, seed=n)
+        memory_forward(mem_ref, n, q, k, v, score, o_state, params, cfg, 0.25)
+        memory_forward(mem_fus, n, q, k, v, score, o_state, params, cfg, 0.25)
+    for t in range(steps):
+        q, k, v, score, o_state, _ = _inputs(N, HV, K, V, seed=100 + t)
+        ref = torch.stack([memory_forward(mem_ref, n, q[n:n + 1], k[n:n + 1], v[n:n + 1], score[n:n + 1],
+                                          o_state[n:n + 1], params, cfg, 0.25)[0] for n in range(N)])
+        out = memory_decode_fused(mem_fus, q, k, v, score, o_state, params, cfg, 0.25)
+        assert rel(out, ref) < 1e-4, t
+    for key in ('cache_k', 'cache_pos', 'seen'):
+        assert torch.equal(mem_ref[key], mem_fus[key]), key
+
+
+@torch.no_grad()
+def test_bf16_kernels_within_1e2_of_fp32_reference():
+    HV, K, V, M, C = 2, 32, 32, 8, 16
+    cfg = MemoryConfig(cache_size=M, block_size=C)
+    L = 53
+    q, k, v, score, o_state, params = _inputs(L, HV, K, V, seed=9)
+    ref = memory_forward(empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV)), 0, q, k, v, score,
+                         o_state, params, cfg, 0.25)
+    mem = empty_memory(1, HV, K, V, cfg, torch.bfloat16, torch.device(DEV))
+    out = memory_prefill_fused(mem, 0, q, k, v.bfloat16(), score, o_state.bfloat16(), params, cfg, 0.25)
+    assert rel(out, ref) < 1e-2
+
+
+@torch.no_grad()
+def test_model_with_kernels_equals_reference_model(monkeypatch, kind):
+    model = hola_from_base(tiny_base(kind), cache_size=6, block_size=16, sink_init=2.0, gamma_init=1.5)
+    ids = torch.randint(3, VOCAB, (2, 45))
+
+    def run():
+        out = model(ids[:, :38], use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for t in range(38, 45):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+        return torch.cat(logits, 1)
+    monkeypatch.setenv('HOLA_KERNELS', '0')
+    ref = run()
+    monkeypatch.setenv('HOLA_KERNELS', '1')
+    if DEV == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':
+        pytest.skip('needs TRITON_INTERPRET=1 on CPU')
+    assert rel(run(), ref) < 1e-4
