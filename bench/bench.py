@@ -1,0 +1,190 @@
+"""Speed and memory of the retrofit against the base fla model and PyTorch SDPA attention, one table.
+
+    python bench/bench.py                                  # on the GPU: 2k, 8k, 32k; M in {64, 512}
+    python bench/bench.py --small --lengths 256,512 --cache 16   # CPU dry run (PyTorch paths only)
+
+Rows: prefill tokens/s and decode ms/token for the base model, the retrofit with the PyTorch memory
+(HOLA_KERNELS=0) and with the fused kernels, every figure also as a ratio to the base measured in the
+same run; peak memory; a 24-layer SDPA causal attention stack (hidden 1024, 8 heads x 128) as the
+full-attention reference; then the read kernel's achieved bandwidth and FLOP/s against the device's
+measured copy bandwidth and bf16 matmul rate. Random weights (speed only). Prints the machine first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import hola_retrofit  # noqa: F401
+from hola_retrofit.adapters import MemoryConfig, retrofit_model
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps):
+    """Median wall time of `reps` calls after one warm-up (CUDA-synchronised)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build_base(small, dev, dtype):
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+    kw = (dict(hidden_size=64, head_dim=16, num_heads=2, num_hidden_layers=2, vocab_size=512) if small else
+          dict(hidden_size=1024, head_dim=256, num_heads=4, num_hidden_layers=24, vocab_size=32000))
+    torch.manual_seed(0)
+    return GatedDeltaNetForCausalLM(GatedDeltaNetConfig(expand_v=2, **kw)).to(dev, dtype).eval(), kw
+
+
+@torch.no_grad()
+def measure(model, T, dev, reps, decode_steps, vocab):
+    ids = torch.randint(3, vocab, (1, T), device=dev)
+    if dev == 'cuda':
+        torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    t_prefill = timed(lambda: model(ids, use_cache=True, logits_to_keep=1), reps)
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    nxt = ids[:, -1:]
+    step_times = []
+    for _ in range(decode_steps + 1):
+        sync()
+        t0 = time.perf_counter()
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        sync()
+        step_times.append(time.perf_counter() - t0)
+        cache = out.past_key_values
+    peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if dev == 'cuda' else float('nan')
+    return dict(prefill_tok_s=T / t_prefill, prefill_ms=t_prefill * 1e3,
+                decode_ms=statistics.median(step_times[1:]) * 1e3, peak_MiB=peak)
+
+
+@torch.no_grad()
+def sdpa_stack(T, dev, dtype, reps, layers=24, heads=8, dim=128):
+    q, k, v = (torch.randn(1, heads, T, dim, device=dev, dtype=dtype) for _ in range(3))
+    f = lambda: [torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) for _ in range(layers)]  # noqa: E731
+    return timed(f, reps)
+
+
+def ceilings(dev):
+    """Measured copy bandwidth (bytes read + written per s) and bf16 matmul FLOP/s."""
+    if dev != 'cuda':
+        return None, None
+    x = torch.empty(2**28, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    t = timed(lambda: y.copy_(x), 20)
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    tm = timed(lambda: a @ b, 10)
+    return 2 * x.numel() / t, 2 * 8192**3 / tm
+
+
+@torch.no_grad()
+def read_kernel_roofline(T, M, dev, reps):
+    """The prefill read kernel alone on one 340M-shaped layer's shapes (4 value heads, K 256, V 512)."""
+    from hola_retrofit.kernels.read import prefill_read
+    from hola_retrofit.kernels.select import select_caches
+    HV, K, V, C = 4, 256, 512, 64
+    q = torch.randn(HV, T, K, device=dev)
+    kc = torch.randn(HV, T, K, device=dev)
+    vc = torch.randn(HV, T, V, device=dev, dtype=torch.bfloat16)
+    blocks = torch.arange(0, T // C, device=dev)
+    idx = select_caches(torch.rand(HV, T, device=dev), torch.arange(T, device=dev).expand(HV, -1), blocks, M, C)
+    qs, qe = blocks * C, blocks * C + C
+    ost = torch.randn(T, HV, V, device=dev, dtype=torch.bfloat16)
+    sink, gate = torch.zeros(HV, device=dev), torch.zeros(HV, device=dev)
+    t = timed(lambda: prefill_read(q, kc, vc, idx, qs, qe, qs, 0, ost, sink, gate, 0.0625, True, C), reps)
+    t_sel = timed(lambda: select_caches(torch.rand(HV, T, device=dev), torch.arange(T, device=dev).expand(HV, -1),
+                                        blocks, M, C), reps)
+    entries = M + C  # per query (upper bound: the causal half of the own block)
+    flops = 2 * HV * T * entries * (K + V)
+    # fewest bytes: q, out, o_state once; each block reads its M gathered + C own keys and values
+    bytes_ = HV * T * K * 4 + 2 * T * HV * V * 2 + T * HV * V * 4 + HV * (T // C) * entries * (K * 4 + V * 2)
+    return dict(read_ms=t * 1e3, select_ms=t_sel * 1e3, flops=flops / t, bytes_per_s=bytes_ / t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--lengths', default='2048,8192,32768')
+    ap.add_argument('--cache', default='64,512')
+    ap.add_argument('--block', type=int, default=64)
+    ap.add_argument('--reps', type=int, default=3)
+    ap.add_argument('--decode-steps', type=int, default=20)
+    ap.add_argument('--torch-max', type=int, default=8192, help='longest length for the PyTorch-memory rows')
+    ap.add_argument('--small', action='store_true')
+    ap.add_argument('--out', default=None)
+    args = ap.parse_args()
+    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dtype = torch.bfloat16 if dev == 'cuda' else torch.float32
+    machine = dict(device=torch.cuda.get_device_name() if dev == 'cuda' else platform.processor() or 'cpu',
+                   torch=torch.__version__, triton=__import__('triton').__version__)
+    print(json.dumps(machine), flush=True)
+    base, kw = build_base(args.small, dev, dtype)
+    rows = []
+
+    def emit(r):
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        if args.out:
+            with open(args.out, 'a') as f:
+                f.write(json.dumps(r) + '\n')
+    lengths = [int(x) for x in args.lengths.split(',')]
+    for T in lengths:
+        b = measure(base, T, dev, args.reps, args.decode_steps, kw['vocab_size'])
+        emit(dict(T=T, model='base fla', **b))
+        if dev == 'cuda':
+            t_sdpa = sdpa_stack(T, dev, dtype, args.reps)
+            emit(dict(T=T, model='SDPA causal x24 (attention only)', prefill_ms=t_sdpa * 1e3,
+                      prefill_tok_s=T / t_sdpa, prefill_vs_base=t_sdpa * 1e3 / b['prefill_ms']))
+        for M in (int(m) for m in args.cache.split(',')):
+            hola = retrofit_model(base, MemoryConfig(cache_size=M, block_size=args.block)).eval()
+            variants = [('kernels', '1')] if dev == 'cuda' else []
+            if T <= args.torch_max:
+                variants.append(('pytorch', '0'))
+            for name, flag in variants:
+                os.environ['HOLA_KERNELS'] = flag
+                r = measure(hola, T, dev, args.reps if flag == '1' else 1, args.decode_steps, kw['vocab_size'])
+                emit(dict(T=T, model=f'retrofit M={M} {name}', **r,
+                          prefill_vs_base=b['prefill_ms'] and r['prefill_ms'] / b['prefill_ms'],
+                          decode_vs_base=r['decode_ms'] / b['decode_ms'],
+                          peak_vs_base=r['peak_MiB'] / b['peak_MiB'] if dev == 'cuda' else None))
+            del hola
+    if dev == 'cuda':
+        bw, fl = ceilings(dev)
+        emit(dict(ceiling_copy_GBps=bw / 1e9, ceiling_bf16_TFLOPs=fl / 1e12))
+        for M in (64, 512):
+            k = read_kernel_roofline(32768, M, dev, args.reps)
+            emit(dict(kernel='prefill_read', T=32768, M=M, **{x: k[x] for x in ('read_ms', 'select_ms')},
+                      TFLOPs=k['flops'] / 1e12, GBps=k['bytes_per_s'] / 1e9,
+                      frac_flops=k['flops'] / fl, frac_bw=k['bytes_per_s'] / bw))
+    print('\n' + table(rows))
+
+
+def table(rows):
+    out = [f"{'T':>6} {'model':<34} {'prefill tok/s':>14} {'x base':>7} {'decode ms':>10} {'x base':>7} {'peak MiB':>9}"]
+    for r in rows:
+        if 'model' not in r:
+            continue
+        out.append(f"{r['T']:>6} {r['model']:<34} {r.get('prefill_tok_s', float('nan')):>14.0f} "
+                   f"{r.get('prefill_vs_base') or 1.0:>7.3f} {r.get('decode_ms', float('nan')):>10.2f} "
+                   f"{r.get('decode_vs_base') or 1.0:>7.3f} {r.get('peak_MiB', float('nan')):>9.0f}")
+    return '\n'.join(out)
+
+
+if __name__ == '__main__':
+    main()
