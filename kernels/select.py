@@ -35,11 +35,7 @@ def select_caches(score: torch.Tensor, pos: torch.Tensor, blocks: torch.Tensor, 
     for s in range(0, len(blocks), chunk):
         b = blocks[s:s + chunk]
         eligible = cand_block[:, :, None] < b[None, None, :]      # [HV, N, b]
-        slot = eligible.long().cumsum(1) - 1                      # rank among eligible, in priority order
-        member = eligible & (slot < M)
-        slot = torch.where(member, slot, M)                       # non-members go to a dump column
-        dest = torch.full((HV, len(b), M + 1), -1, dtype=torch.long, device=score.device)
-        src = order[:, :, None].expand(-1, -1, len(b))
-        dest.scatter_(2, slot.transpose(1, 2), src.transpose(1, 2))
-        out[:, s:s + chunk] = dest[:, :, :M]
+        slot = eligible.int().cumsum(1) - 1                       # rank among eligible, in priority order
+        h, r, col = torch.nonzero(eligible & (slot < M), as_tuple=True)  # members only: no colliding writes
+        out[h, s + col, slot[h, r, col].long()] = order[h, r]
     return out
