@@ -57,7 +57,7 @@ def test_convert_hub_id_then_load_and_generate(hub, tmp_path, arch):
     assert model.config.hola_base == {'model_id': f'org/tiny-{arch}', 'revision': hub[arch], 'local': False}
     assert model.config.hola['cache_size'] == 16
     for layer in model.hola_layers:
-        assert model.model.layers[layer].attn.mem(None)['sink'].tolist() == [8.0] * 2
+        assert model.model.layers[layer].attn.mem(None)['sink'].tolist() == [28.0] * 2
     if arch == 'hybrid':
         assert model.hola_layers == [0, 2]
     ids = torch.randint(3, 200, (2, 40))
