@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import click
 
@@ -16,6 +20,29 @@ BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # one block is one tile of the 
 def _fail(e: Exception) -> None:
     click.echo(f"error: {e}", err=True)
     sys.exit(getattr(e, 'exit_code', 1))
+
+
+@contextlib.contextmanager
+def _destination(out):
+    """The folder to write: --out, or (with --push-to-hub alone) a temporary one, removed afterwards."""
+    if out is not None:
+        yield Path(out), False
+        return
+    tmp = Path(tempfile.mkdtemp(prefix='hola-'))
+    try:
+        yield tmp / 'model', True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _push(path: Path, repo: str, **kw) -> None:
+    """Rewrite the model card for `repo`, upload the folder, say where it went."""
+    from transformers import AutoConfig
+
+    from ..retrofit.card import write_model_card
+    from ..retrofit.hub import push_folder
+    write_model_card(path, AutoConfig.from_pretrained(path), repo_id=repo)
+    click.echo(f"pushed to {push_folder(path, repo, **kw)}")
 
 
 def _split_rev(src: str, revision: str | None) -> tuple[str, str | None]:
@@ -80,38 +107,23 @@ def main():
 @click.option('-q', '--quiet', is_flag=True, help='No progress bars.')
 def convert(src, out, push, private, revision, commit_message, source_revision, dtype, force, quiet, **kw):
     """Convert SRC (a local folder or a Hub repo id) into a memory-augmented checkpoint."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     from ..retrofit.convert import convert as do_convert
-    from ..retrofit.hub import push_folder
 
     if not out and not push:
         raise click.UsageError('give --out DIR, --push-to-hub REPO, or both')
     if (private or revision or commit_message) and not push:
         raise click.UsageError('--private, --revision and --commit-message go with --push-to-hub')
     src, source_revision = _split_rev(src, source_revision)
-    tmp = None
     try:
         mem = _memory(kw)
-        if out is None:
-            tmp = Path(tempfile.mkdtemp(prefix='hola-push-'))
-            out = tmp / 'model'
-        path = do_convert(src, out, mem, revision=source_revision, dtype=dtype, force=force, progress=not quiet)
-        if tmp is None:
-            click.echo(f"wrote {path}")
-        if push:
-            from ..retrofit.card import write_model_card
-            from transformers import AutoConfig
-            write_model_card(path, AutoConfig.from_pretrained(path), repo_id=push)
-            url = push_folder(path, push, private=private, revision=revision, commit_message=commit_message)
-            click.echo(f"pushed to {url}")
+        with _destination(out) as (path, temporary):
+            path = do_convert(src, path, mem, revision=source_revision, dtype=dtype, force=force, progress=not quiet)
+            if not temporary:
+                click.echo(f"wrote {path}")
+            if push:
+                _push(path, push, private=private, revision=revision, commit_message=commit_message)
     except (RetrofitError, ValueError) as e:
         _fail(e)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @main.command()
@@ -188,8 +200,6 @@ def _depths(ctx, param, value):
 def eval_cmd(model, baseline, tasks, lengths, depths, trials, seed, haystack, text, needle, question, out_dir,
              device, dtype, quiet):
     """Recall (needle, multi-key, key-value) and perplexity of MODEL against its base; table, JSON, PNG."""
-    from pathlib import Path
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -253,37 +263,26 @@ def eval_cmd(model, baseline, tasks, lengths, depths, trials, seed, haystack, te
 @click.option('-q', '--quiet', is_flag=True)
 def calibrate(model, data, steps, lr, lora_r, batch_size, seq_len, eval_lengths, out, push, private, seed, force, quiet):
     """Briefly train MODEL's memory parameters (PEFT; optional LoRA) on a text file; `accelerate launch` for many GPUs."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     from ..retrofit.calibrate import calibrate as do_calibrate
-    from ..retrofit.hub import push_folder
     if not out and not push:
         raise click.UsageError('give --out DIR, --push-to-hub REPO, or both')
     lengths = _lengths(None, None, eval_lengths) if eval_lengths else None
-    tmp = None
     try:
-        if out is None:
-            tmp = Path(tempfile.mkdtemp(prefix='hola-calib-'))
-            out = tmp / 'model'
-        res = do_calibrate(model, data, out, steps=steps, lr=lr, lora_r=lora_r, batch_size=batch_size,
-                           seq_len=seq_len, seed=seed, force=force, eval_lengths=lengths, progress=not quiet)
-        if res.get('after') is None:
-            return  # not the main process
-        first, last = res['losses'][0], sum(res['losses'][-10:]) / len(res['losses'][-10:])
-        click.echo(f"loss {first:.4f} -> {last:.4f} (mean of the last 10) over {steps} steps; "
-                   f"{res['trainable_parameters']:,} trainable parameters")
-        click.echo(f"before: {res['before']}\nafter:  {res['after']}")
-        if tmp is None:
-            click.echo(f"wrote {out}")
-        if push:
-            click.echo(f"pushed to {push_folder(Path(out), push, private=private)}")
+        with _destination(out) as (path, temporary):
+            res = do_calibrate(model, data, path, steps=steps, lr=lr, lora_r=lora_r, batch_size=batch_size,
+                               seq_len=seq_len, seed=seed, force=force, eval_lengths=lengths, progress=not quiet)
+            if res.get('after') is None:
+                return  # not the main process
+            last = res['losses'][-10:]
+            click.echo(f"loss {res['losses'][0]:.4f} -> {sum(last) / len(last):.4f} (mean of the last 10) over "
+                       f"{steps} steps; {res['trainable_parameters']:,} trainable parameters")
+            click.echo(f"before: {res['before']}\nafter:  {res['after']}")
+            if not temporary:
+                click.echo(f"wrote {path}")
+            if push:
+                _push(path, push, private=private)
     except (RetrofitError, ValueError) as e:
         _fail(e)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @main.command()
@@ -294,8 +293,6 @@ def calibrate(model, data, steps, lr, lora_r, batch_size, seq_len, eval_lengths,
 @click.option('--seed', type=int, default=0, show_default=True)
 def example(out, arch, hidden, layers, seed):
     """Write a tiny random fla checkpoint (byte-level tokenizer) to OUT: a default to try the tools on."""
-    from pathlib import Path
-
     from ..retrofit.example import make_example_checkpoint
     if Path(out).exists():
         _fail(RetrofitError(f"{out} exists"))

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -241,7 +242,7 @@ def test_push_to_hub_uploads_exactly_a_loadable_folder(hub, tmp_path, monkeypatc
     put_in_hf_cache(FakeHub.remote, Path(c.HF_HUB_CACHE), 'me/tiny-hola', branch='v1')
     model = AutoModelForCausalLM.from_pretrained('me/tiny-hola', revision='v1')
     assert type(model).__name__ == 'HolaDeltaNetForCausalLM'
-    assert not list(Path('/tmp').glob('hola-push-*/model'))
+    assert not list(Path(tempfile.gettempdir()).glob('hola-*/model'))
 
 
 def test_failed_upload_is_reported_and_keeps_local_output(hub, tmp_path, monkeypatch):
