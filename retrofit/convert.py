@@ -77,9 +77,7 @@ def _iter_tensors(path: Path):
                     yield name, f.get_tensor(name)
         else:
             yield from torch.load(str(path), map_location='cpu', weights_only=True).items()
-    except (OSError, RuntimeError, ValueError, Exception) as e:  # safetensors raises its own error types
-        if isinstance(e, RetrofitError):
-            raise
+    except Exception as e:  # safetensors and torch.load raise many types for a damaged file
         raise SourceError(f"{path.name} is unreadable or corrupt: {type(e).__name__}: {e}") from None
 
 
@@ -109,8 +107,9 @@ def convert(source: str, out: str | os.PathLike | None, mem: MemoryConfig, *, re
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
     src = resolve_source(source, revision)
-    if src.path.resolve() == out.resolve() or out.resolve() in src.path.resolve().parents:
-        raise RetrofitError("the output folder must not be (or contain) the source")
+    src_dir, out_dir = src.path.resolve(), out.resolve()
+    if src_dir == out_dir or out_dir in src_dir.parents or src_dir in out_dir.parents:
+        raise RetrofitError("the output folder must not be, contain, or lie inside the source")
     base_cfg = read_base_config(src)
     files = weight_files(src)
 

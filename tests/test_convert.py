@@ -174,6 +174,8 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(hub, tmp_path):
         assert not out.exists() and not leftovers(tmp_path)
     r = cli('convert', 'org/tiny-gdn', '--cache', 4)
     assert r.exit_code == 2 and '--out' in r.output
+    r = cli('convert', tmp_path / 'src-gdn', '--cache', 4, '--out', tmp_path / 'src-gdn' / 'inside', '-q')
+    assert r.exit_code == 1 and 'inside the source' in r.output
     assert tree_hash(tmp_path / 'src-gdn') == src_hash
 
 
