@@ -105,17 +105,21 @@ class HolaMixin:
         B, T, HV, V = v.shape
         spans = _spans(B, T, cu_seqlens)
         mem = last_state.get(MEMORY_KEY) if last_state is not None else None
-        if mem is None or mem['seen'].shape[0] != len(spans):
+        if mem is None:
             mem = empty_memory(len(spans), HV, self.head_k_dim, V, self.hola, v.dtype, v.device)
+        elif mem['seen'].shape[0] != len(spans):
+            raise ValueError(f"the cache holds memory for {mem['seen'].shape[0]} sequences, this call has "
+                             f"{len(spans)}; pass a padding mask whose last column is all ones, or a new cache")
         qn, kn = _expand(l2_normalize(q), HV), _expand(l2_normalize(k), HV)
         params = self.mem(x)
         o = torch.empty_like(o_state)
         scale = self.head_k_dim ** -0.5
         fused = kernels_enabled(v)
         if fused and all(e - s == 1 for _, s, e in spans):  # decode: one fused call for the whole batch
-            b, s = (torch.tensor(x, device=v.device) for x in zip(*[(b, s) for b, s, _ in spans]))
-            o[b, s] = memory_decode_fused(mem, qn[b, s], kn[b, s], v[b, s], score[b, s], o_state[b, s], params,
-                                          self.hola, scale).to(o.dtype)
+            rows = torch.tensor([b for b, _, _ in spans], device=v.device)
+            cols = torch.tensor([s for _, s, _ in spans], device=v.device)
+            o[rows, cols] = memory_decode_fused(mem, qn[rows, cols], kn[rows, cols], v[rows, cols], score[rows, cols],
+                                                o_state[rows, cols], params, self.hola, scale).to(o.dtype)
         else:
             step = memory_prefill_fused if fused else memory_forward
             for n, (b, s, e) in enumerate(spans):
