@@ -72,7 +72,32 @@ class HolaDeltaNetConfig(_HolaConfigMixin, DeltaNetConfig):
         super().__init__(**kwargs)
 
 
+SHIM_CONFIG = '''# Remote-code shim written by hola-retrofit: needs `pip install hola-retrofit`.
+from hola_retrofit.adapters.modeling import HolaDeltaNetConfig, HolaGatedDeltaNetConfig  # noqa: F401
+'''
+SHIM_MODEL = '''# Remote-code shim written by hola-retrofit: needs `pip install hola-retrofit`.
+import hola_retrofit  # noqa: F401  (CPU fallbacks, Auto registration)
+from hola_retrofit.adapters.modeling import HolaDeltaNetForCausalLM, HolaGatedDeltaNetForCausalLM  # noqa: F401
+'''
+
+
+def write_remote_code(folder, config) -> None:
+    """Two shims + `auto_map`, so `from_pretrained(..., trust_remote_code=True)` works without the import."""
+    from pathlib import Path
+    config.auto_map = {'AutoConfig': f'configuration_hola.{type(config).__name__}',
+                       'AutoModelForCausalLM': f'modeling_hola.{config.architectures[0]}'}
+    (Path(folder) / 'configuration_hola.py').write_text(SHIM_CONFIG)
+    (Path(folder) / 'modeling_hola.py').write_text(SHIM_MODEL)
+
+
 class _HolaModelMixin:
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, plus the remote-code shims (the config's auto_map names them)."""
+        import os
+        os.makedirs(save_directory, exist_ok=True)
+        write_remote_code(save_directory, self.config)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _attach(self):
         self.hola_layers = attach_memory(self, self.config.memory_config)
 

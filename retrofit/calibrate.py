@@ -123,10 +123,6 @@ def calibrate(model_path: str, data: str, out: str | os.PathLike, *, steps: int 
             'data': Path(data).name}
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        for name in ('configuration_hola.py', 'modeling_hola.py'):
-            src = Path(model_path) / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)
         (tmp / 'calibration.json').write_text(json.dumps(result, indent=1))
         _plot_loss(losses, tmp / 'loss.png')
         from .card import write_model_card

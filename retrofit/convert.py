@@ -19,7 +19,13 @@ import torch
 
 from ..adapters.config import MemoryConfig
 from ..adapters.mixers import MemoryParams
-from ..adapters.modeling import HOLA_CLASSES, HOLA_TYPES, SUPPORTED_BASE_TYPES, hola_config_from_base
+from ..adapters.modeling import (
+    HOLA_CLASSES,
+    HOLA_TYPES,
+    SUPPORTED_BASE_TYPES,
+    hola_config_from_base,
+    write_remote_code,
+)
 from .card import write_model_card
 from .errors import OutputExistsError, RetrofitError, SourceError, UnsupportedModelError
 from .source import Source, resolve_source
@@ -28,15 +34,6 @@ INDEX = 'model.safetensors.index.json'
 WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.h5', '.msgpack', '.ckpt', '.gguf')
 SKIP_FILES = {'config.json', 'README.md', '.gitattributes', INDEX, 'pytorch_model.bin.index.json'}
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
-SHIM_CONFIG = '''# Remote-code shim written by hola-retrofit: needs `pip install hola-retrofit`.
-from hola_retrofit.adapters.modeling import HolaDeltaNetConfig, HolaGatedDeltaNetConfig  # noqa: F401
-'''
-SHIM_MODEL = '''# Remote-code shim written by hola-retrofit: needs `pip install hola-retrofit`.
-import hola_retrofit  # noqa: F401  (CPU fallbacks, Auto registration)
-from hola_retrofit.adapters.modeling import HolaDeltaNetForCausalLM, HolaGatedDeltaNetForCausalLM  # noqa: F401
-'''
-
 
 def read_base_config(src: Source) -> dict:
     path = src.path / 'config.json'
@@ -125,11 +122,8 @@ def convert(source: str, out: str | os.PathLike | None, mem: MemoryConfig, *, re
         (tmp / INDEX).write_text(json.dumps({'metadata': {'format': 'pt'}, 'weight_map': weight_map}, indent=2))
         if dtype is not None:
             config.dtype = dtype
-        config.auto_map = {'AutoConfig': f'configuration_hola.{type(config).__name__}',
-                           'AutoModelForCausalLM': f'modeling_hola.{config.architectures[0]}'}
+        write_remote_code(tmp, config)
         config.save_pretrained(tmp)
-        (tmp / 'configuration_hola.py').write_text(SHIM_CONFIG)
-        (tmp / 'modeling_hola.py').write_text(SHIM_MODEL)
         for f in sorted(src.path.iterdir()):
             if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copyfile(f, tmp / f.name)

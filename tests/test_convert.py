@@ -92,8 +92,9 @@ def test_save_pretrained_round_trip_and_remote_code(hub, tmp_path):
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
     assert again.config.hola == model.config.hola
-    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    assert type(remote).__name__ == 'HolaGatedDeltaNetForCausalLM'
+    for folder in (out, tmp_path / 'again'):  # converted, and re-saved with save_pretrained
+        remote = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(remote).__name__ == 'HolaGatedDeltaNetForCausalLM'
 
 
 def test_dtype_cast_keeps_decay_params_fp32(hub, tmp_path):
