@@ -83,3 +83,21 @@ def test_calibration_refuses_bad_input(setup, tmp_path):
     r = CliRunner().invoke(main, ['calibrate', str(hola), '--data', str(tmp_path / 'nope.txt'), '--out', 'x'])
     assert r.exit_code == 2
     assert not (tmp_path / 'x').exists()
+
+
+def test_calibration_through_accelerate_launch_two_processes(setup, tmp_path):
+    """`accelerate launch` with 2 CPU processes (DDP over gloo): one merged model, written once."""
+    import json
+    import subprocess
+    import sys
+    tmp, hola, data = setup
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--cpu', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'hola_retrofit.cli.main', 'calibrate', str(hola),
+           '--data', str(data), '--steps', '3', '--seq-len', '64', '--batch-size', '2', '--out', str(out), '-q']
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('wrote ') == 1
+    res = json.loads((out / 'calibration.json').read_text())
+    assert len(res['losses']) == 3 and all(x == x for x in res['losses'])
+    assert AutoModelForCausalLM.from_pretrained(out).config.hola_calibration['steps'] == 3
