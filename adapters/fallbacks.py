@@ -32,6 +32,14 @@ def gdn_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> to
     return -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
 
 
+def spans(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """(batch index, start, end) of every sequence of a [B, T, ...] input, or of a packed one (B = 1)."""
+    if cu_seqlens is None:
+        return [(b, 0, T) for b in range(B)]
+    c = cu_seqlens.tolist()
+    return [(0, c[i], c[i + 1]) for i in range(len(c) - 1)]
+
+
 def _on_cuda(*tensors) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
 
@@ -68,13 +76,9 @@ def short_conv(x, weight, bias=None, activation=None, cache=None, output_final_s
     if mask is not None:
         x = x * mask.unsqueeze(-1).to(x.dtype)
     D, W = weight.shape
-    if cu_seqlens is not None:
-        seqs = [x[:, int(s):int(e)] for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
-    else:
-        seqs = [x[i:i + 1] for i in range(x.shape[0])]
     ys, states = [], []
-    for n, xs in enumerate(seqs):
-        T = xs.shape[1]
+    for n, (b, s, e) in enumerate(spans(x.shape[0], x.shape[1], cu_seqlens)):
+        xs = x[b:b + 1, s:e]
         prev = cache[n:n + 1].transpose(1, 2) if cache is not None else xs.new_zeros(1, W, D)
         full = torch.cat([prev[:, 1:].to(xs.dtype), xs], dim=1)  # [1, W-1+T, D]
         y = F.conv1d(full.transpose(1, 2).float(), weight.float().unsqueeze(1),
@@ -84,7 +88,6 @@ def short_conv(x, weight, bias=None, activation=None, cache=None, output_final_s
             y = F.silu(y)
         ys.append(y.to(x.dtype))
         states.append(torch.cat([prev.to(xs.dtype), xs], dim=1)[:, -W:].transpose(1, 2))
-        del T
     y = torch.cat(ys, dim=1) if cu_seqlens is not None else torch.cat(ys, dim=0)
     if residual is not None:
         y = y + residual
@@ -100,9 +103,7 @@ def short_conv(x, weight, bias=None, activation=None, cache=None, output_final_s
 # --------------------------------------------------------------------------- delta rules
 
 def _split(t, cu_seqlens):
-    if cu_seqlens is None:
-        return [t[i:i + 1] for i in range(t.shape[0])]
-    return [t[:, int(s):int(e)] for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+    return [t[b:b + 1, s:e] for b, s, e in spans(t.shape[0], t.shape[1], cu_seqlens)]
 
 
 def _join(parts, cu_seqlens):
@@ -166,13 +167,10 @@ def rotary_cpu(x, cos, sin, seqlen_offsets=0, cu_seqlens=None, interleaved=False
     from fla.modules.rotary.ops import rotary_embedding_ref
     if conjugate:
         sin = -sin
-    B, T = x.shape[:2]
-    spans = ([(b, 0, T) for b in range(B)] if cu_seqlens is None else
-             [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())])
     y = x.clone()
-    for n, (b, s, e) in enumerate(spans):
+    for n, (b, s, e) in enumerate(spans(x.shape[0], x.shape[1], cu_seqlens)):
         off = seqlen_offsets if isinstance(seqlen_offsets, int) else int(seqlen_offsets[n])
-        pos = torch.arange(s - s + off, off + e - s, device=x.device)
+        pos = torch.arange(off, off + e - s, device=x.device)
         y[b, s:e] = rotary_embedding_ref(x[b, s:e].float()[None], cos[pos].float(), sin[pos].float(),
                                          interleaved)[0].to(x.dtype)
     if inplace:

@@ -162,6 +162,13 @@ def hola_config_from_base(base_config, mem: MemoryConfig, base_info: dict | None
     return config
 
 
+def meta_model(config):
+    """The retrofitted model of `config` on the meta device: names, shapes, layer structure, no memory."""
+    import torch
+    with torch.device('meta'):
+        return HOLA_CLASSES[config.model_type.removeprefix('hola_')][1](config)
+
+
 def retrofit_model(base_model, mem: MemoryConfig, base_info: dict | None = None):
     """A memory-augmented copy of an in-memory fla model (base weights copied, memory initialised)."""
     config = hola_config_from_base(base_model.config, mem, base_info)

@@ -14,19 +14,12 @@ from __future__ import annotations
 import torch
 
 from .fallbacks import gdn_decay, l2_normalize
+from .fallbacks import spans as _spans
 from .reference import delta_rule_with_score
 
 
 def _expand(x: torch.Tensor, hv: int) -> torch.Tensor:
     return x if x.shape[-2] == hv else x.repeat_interleave(hv // x.shape[-2], dim=-2)
-
-
-def _spans(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
-    """(batch index, start, end) of every sequence of the (possibly packed) input."""
-    if cu_seqlens is None:
-        return [(b, 0, T) for b in range(B)]
-    c = cu_seqlens.tolist()
-    return [(0, c[i], c[i + 1]) for i in range(len(c) - 1)]
 
 
 def state_forward(kind: str, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval: bool,
@@ -73,7 +66,6 @@ def _state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, all
 def _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
                         initial_state, cu_seqlens):
     B, T, H, K = q.shape
-    HV = v.shape[2]
     scale = K ** -0.5
     n_seq = B if cu_seqlens is None else len(cu_seqlens) - 1
     if B * T == n_seq and initial_state is not None and not torch.is_grad_enabled():

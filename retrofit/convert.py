@@ -20,10 +20,10 @@ import torch
 from ..adapters.config import MemoryConfig
 from ..adapters.mixers import MemoryParams
 from ..adapters.modeling import (
-    HOLA_CLASSES,
     HOLA_TYPES,
     SUPPORTED_BASE_TYPES,
     hola_config_from_base,
+    meta_model,
     write_remote_code,
 )
 from .card import write_model_card
@@ -81,9 +81,7 @@ def _iter_tensors(path: Path):
 def expected_parameters(config) -> tuple[dict, dict, set]:
     """Names and shapes of base tensors, and the memory tensors with their initial values,
     read off the model built on the meta device (no memory is allocated)."""
-    model_cls = HOLA_CLASSES[config.model_type.removeprefix('hola_')][1]
-    with torch.device('meta'):
-        model = model_cls(config)
+    model = meta_model(config)
     mem = model.config.memory_config
     base, memory = {}, {}
     for name, p in model.state_dict().items():

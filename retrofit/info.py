@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..adapters.config import MemoryConfig
 from ..adapters.mixers import HolaMixin
-from ..adapters.modeling import HOLA_CLASSES, HOLA_TYPES, hola_config_from_base
+from ..adapters.modeling import HOLA_TYPES, hola_config_from_base, meta_model
 from .convert import read_base_config
 from .source import resolve_source
 
@@ -34,8 +32,7 @@ def model_info(source: str, revision: str | None = None, mem: MemoryConfig | Non
         config = hola_config_from_base(base, mem or MemoryConfig(), src.info())
         converted = False
     mem = config.memory_config
-    with torch.device('meta'):
-        model = HOLA_CLASSES[config.model_type.removeprefix('hola_')][1](config)
+    model = meta_model(config)
     dtype = str(getattr(config, 'dtype', None) or 'float32').replace('torch.', '')
     nbytes = DTYPE_BYTES.get(dtype, 2)
     layers = []
