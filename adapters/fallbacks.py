@@ -77,18 +77,21 @@ def short_conv(x, weight, bias=None, activation=None, cache=None, output_final_s
         x = x * mask.unsqueeze(-1).to(x.dtype)
     D, W = weight.shape
     ys, states = [], []
-    for n, (b, s, e) in enumerate(spans(x.shape[0], x.shape[1], cu_seqlens)):
-        xs = x[b:b + 1, s:e]
-        prev = cache[n:n + 1].transpose(1, 2) if cache is not None else xs.new_zeros(1, W, D)
-        full = torch.cat([prev[:, 1:].to(xs.dtype), xs], dim=1)  # [1, W-1+T, D]
+    # an unpacked batch is convolved in one call; packed sequences one by one
+    parts = [(x, cache)] if cu_seqlens is None else [
+        (x[b:b + 1, s:e], cache[n:n + 1] if cache is not None else None)
+        for n, (b, s, e) in enumerate(spans(x.shape[0], x.shape[1], cu_seqlens))]
+    for xs, c in parts:
+        prev = c.transpose(1, 2) if c is not None else xs.new_zeros(xs.shape[0], W, D)
+        full = torch.cat([prev[:, 1:].to(xs.dtype), xs], dim=1)  # [N, W-1+T, D]
         y = F.conv1d(full.transpose(1, 2).float(), weight.float().unsqueeze(1),
-                     bias.float() if bias is not None else None, groups=D)  # [1, D, T]
+                     bias.float() if bias is not None else None, groups=D)  # [N, D, T]
         y = y.transpose(1, 2)
         if activation in ('silu', 'swish'):
             y = F.silu(y)
         ys.append(y.to(x.dtype))
         states.append(torch.cat([prev.to(xs.dtype), xs], dim=1)[:, -W:].transpose(1, 2))
-    y = torch.cat(ys, dim=1) if cu_seqlens is not None else torch.cat(ys, dim=0)
+    y = torch.cat(ys, dim=1)
     if residual is not None:
         y = y + residual
     final = None
@@ -103,11 +106,14 @@ def short_conv(x, weight, bias=None, activation=None, cache=None, output_final_s
 # --------------------------------------------------------------------------- delta rules
 
 def _split(t, cu_seqlens):
+    """Per-sequence pieces of a packed input; an unpacked batch stays one piece (the references take batches)."""
+    if cu_seqlens is None:
+        return [t]
     return [t[b:b + 1, s:e] for b, s, e in spans(t.shape[0], t.shape[1], cu_seqlens)]
 
 
 def _join(parts, cu_seqlens):
-    return torch.cat(parts, dim=1 if cu_seqlens is not None else 0)
+    return torch.cat(parts, dim=1)
 
 
 def gated_delta_rule_cpu(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -131,7 +137,7 @@ def gated_delta_rule_cpu(q, k, v, g, beta, scale=None, initial_state=None, outpu
     for n, (qs, ks, vs, gs, bs) in enumerate(zip(*[_split(t, cu_seqlens) for t in (q, k, v, g, beta)])):
         h0 = None
         if initial_state is not None:
-            h0 = initial_state[n:n + 1].float()
+            h0 = (initial_state if cu_seqlens is None else initial_state[n:n + 1]).float()
             h0 = h0.transpose(-1, -2) if state_v_first else h0
         o, ht = naive_recurrent_gated_delta_rule(qs.float(), ks.float(), vs.float(), bs.float(), gs.float(),
                                                  scale=scale, initial_state=h0, output_final_state=True)
@@ -150,7 +156,9 @@ def delta_rule_cpu(q, k, v, beta, scale=None, initial_state=None, output_final_s
         q, k = l2_normalize(q), l2_normalize(k)
     outs, finals = [], []
     for n, (qs, ks, vs, bs) in enumerate(zip(*[_split(t, cu_seqlens) for t in (q, k, v, beta)])):
-        h0 = initial_state[n:n + 1].float() if initial_state is not None else None
+        h0 = None
+        if initial_state is not None:
+            h0 = (initial_state if cu_seqlens is None else initial_state[n:n + 1]).float()
         o, ht = delta_rule_recurrence(*(t.float().transpose(1, 2) for t in (qs, ks, vs, bs)),
                                       initial_state=h0, output_final_state=True)
         outs.append(o.transpose(1, 2).to(v.dtype))
