@@ -19,9 +19,15 @@ import hola_retrofit  # noqa: F401
 from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from hola_retrofit.adapters import MemoryConfig, retrofit_model
 
-N_KEYS, N_VALS = 256, 256
-KEY0, VAL0 = 4, 4 + N_KEYS
-VOCAB = 4 + N_KEYS + N_VALS
+N_KEYS = N_VALS = 256
+KEY0, VAL0, VOCAB = 4, 4 + N_KEYS, 4 + 2 * N_KEYS
+
+
+def set_symbols(n: int) -> None:
+    """n distinct keys and n values (the task's difficulty; --symbols)."""
+    global N_KEYS, N_VALS, VAL0, VOCAB
+    N_KEYS = N_VALS = n
+    VAL0, VOCAB = 4 + n, 4 + 2 * n
 
 
 def batch(n_pairs, n_queries, bsz, g):
@@ -51,17 +57,23 @@ def main():
     ap.add_argument('--train-pairs', type=int, default=24)
     ap.add_argument('--eval-pairs', default='24,48,96,192')
     ap.add_argument('--hidden', type=int, default=128)
+    ap.add_argument('--symbols', type=int, default=256, help='distinct keys (and values)')
+    ap.add_argument('--lr', type=float, default=3e-3)
+    ap.add_argument('--calibrate-steps', type=int, default=0,
+                    help='then train only the memory parameters (attn.mem) on --calibrate-pairs pairs')
+    ap.add_argument('--calibrate-pairs', type=int, default=32)
     ap.add_argument('--out', default=None)
     args = ap.parse_args()
+    set_symbols(args.symbols)
     torch.manual_seed(0)
     cfg = GatedDeltaNetConfig(hidden_size=args.hidden, num_heads=2, head_dim=32, expand_v=2, num_hidden_layers=2,
                               vocab_size=VOCAB, hidden_ratio=2, fuse_cross_entropy=False)
     model = GatedDeltaNetForCausalLM(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     t0, log = time.time(), []
     for step in range(args.steps):
-        ids, labels = batch(args.train_pairs, 16, 32, g)
+        ids, labels = batch(args.train_pairs, min(16, args.train_pairs), 32, g)
         logits = model(ids, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         opt.zero_grad()
@@ -72,17 +84,40 @@ def main():
             print(log[-1], flush=True)
     model.eval()
     rows = []
-    pairs = [int(x) for x in args.eval_pairs.split(',')]
+    pairs = [int(x) for x in args.eval_pairs.split(',') if int(x) <= N_KEYS]  # pairs need distinct keys
     for n in pairs:
-        row = {'pairs': n, 'tokens': 2 * n + 32, 'base': accuracy(model, n, 16, 64, seed=n)}
+        row = {'pairs': n, 'tokens': 2 * n + 32, 'base': accuracy(model, n, 16, 64, seed=n), 'chance': 1 / N_VALS}
         for M, C, sink in ((64, 16, 12.0), (64, 16, 16.0), (256, 16, 12.0), (256, 16, 16.0)):
             hola = retrofit_model(model, MemoryConfig(cache_size=M, block_size=C, sink_init=sink)).eval()
             row[f'M{M}_C{C}_sink{int(sink)}'] = accuracy(hola, n, 16, 64, seed=n)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    calib = None
+    if args.calibrate_steps:
+        hola = retrofit_model(model, MemoryConfig(cache_size=256, block_size=16, sink_init=16.0))
+        for n_, p in hola.named_parameters():
+            p.requires_grad_('.mem.' in n_)
+        params = [p for p in hola.parameters() if p.requires_grad]
+        copt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.0)
+        gc = torch.Generator().manual_seed(2)
+        hola.train()
+        clog = []
+        for step in range(args.calibrate_steps):
+            ids, labels = batch(min(args.calibrate_pairs, N_KEYS), 16, 16, gc)
+            loss = torch.nn.functional.cross_entropy(hola(ids, use_cache=False).logits.flatten(0, 1), labels.flatten())
+            copt.zero_grad()
+            loss.backward()
+            copt.step()
+            if step % 25 == 0 or step == args.calibrate_steps - 1:
+                clog.append((step, round(loss.item(), 4)))
+                print('calibrate', clog[-1], flush=True)
+        hola.eval()
+        calib = {'log': clog, 'parameters': sum(p.numel() for p in params),
+                 'accuracy': {n: accuracy(hola, n, 16, 64, seed=n) for n in pairs}}
+        print(json.dumps(calib['accuracy']), flush=True)
     if args.out:
         with open(args.out, 'w') as f:
-            json.dump({'train_log': log, 'config': vars(args), 'results': rows}, f, indent=1)
+            json.dump({'train_log': log, 'config': vars(args), 'results': rows, 'calibrated': calib}, f, indent=1)
 
 
 if __name__ == '__main__':
