@@ -32,6 +32,16 @@ def gdn_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> to
     return -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
 
 
+def expand_heads(x: torch.Tensor, hv: int) -> torch.Tensor:
+    """[..., H, D] -> [..., HV, D]: value head i reads q/k head i // (HV/H) (grouped value heads)."""
+    return x if x.shape[-2] == hv else x.repeat_interleave(hv // x.shape[-2], dim=-2)
+
+
+def gdn_beta(beta_raw: torch.Tensor, allow_neg_eigval: bool) -> torch.Tensor:
+    """GDN write strength sigmoid(b) (x2 with allow_neg_eigval), float32."""
+    return torch.sigmoid(beta_raw.float()) * (2.0 if allow_neg_eigval else 1.0)
+
+
 def spans(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
     """(batch index, start, end) of every sequence of a [B, T, ...] input, or of a packed one (B = 1)."""
     if cu_seqlens is None:
@@ -112,8 +122,11 @@ def _split(t, cu_seqlens):
     return [t[b:b + 1, s:e] for b, s, e in spans(t.shape[0], t.shape[1], cu_seqlens)]
 
 
-def _join(parts, cu_seqlens):
-    return torch.cat(parts, dim=1)
+def _initial(state, n, cu_seqlens):
+    """The initial state of piece n of `_split` (the whole batch when unpacked), float32."""
+    if state is None:
+        return None
+    return (state if cu_seqlens is None else state[n:n + 1]).float()
 
 
 def gated_delta_rule_cpu(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -126,25 +139,21 @@ def gated_delta_rule_cpu(q, k, v, g, beta, scale=None, initial_state=None, outpu
     if use_qk_l2norm_in_kernel:
         q, k = l2_normalize(q), l2_normalize(k)
     if use_beta_sigmoid_in_kernel:
-        beta = torch.sigmoid(beta.float()) * (2.0 if allow_neg_eigval else 1.0)
+        beta = gdn_beta(beta, allow_neg_eigval)
     if use_gate_in_kernel:
         g = gdn_decay(g, A_log, dt_bias)
-    HV = v.shape[2]
-    if q.shape[2] != HV:  # grouped value heads: value head i reads q/k head i // (HV/H)
-        q = q.repeat_interleave(HV // q.shape[2], dim=2)
-        k = k.repeat_interleave(HV // k.shape[2], dim=2)
+    q, k = expand_heads(q, v.shape[2]), expand_heads(k, v.shape[2])
     outs, finals = [], []
     for n, (qs, ks, vs, gs, bs) in enumerate(zip(*[_split(t, cu_seqlens) for t in (q, k, v, g, beta)])):
-        h0 = None
-        if initial_state is not None:
-            h0 = (initial_state if cu_seqlens is None else initial_state[n:n + 1]).float()
-            h0 = h0.transpose(-1, -2) if state_v_first else h0
+        h0 = _initial(initial_state, n, cu_seqlens)
+        if h0 is not None and state_v_first:
+            h0 = h0.transpose(-1, -2)
         o, ht = naive_recurrent_gated_delta_rule(qs.float(), ks.float(), vs.float(), bs.float(), gs.float(),
                                                  scale=scale, initial_state=h0, output_final_state=True)
         outs.append(o.to(v.dtype))
         finals.append(ht.transpose(-1, -2) if state_v_first else ht)
     final = torch.cat(finals, 0).float().contiguous() if output_final_state else None
-    return _join(outs, cu_seqlens), final
+    return torch.cat(outs, 1), final
 
 
 def delta_rule_cpu(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
@@ -156,15 +165,12 @@ def delta_rule_cpu(q, k, v, beta, scale=None, initial_state=None, output_final_s
         q, k = l2_normalize(q), l2_normalize(k)
     outs, finals = [], []
     for n, (qs, ks, vs, bs) in enumerate(zip(*[_split(t, cu_seqlens) for t in (q, k, v, beta)])):
-        h0 = None
-        if initial_state is not None:
-            h0 = (initial_state if cu_seqlens is None else initial_state[n:n + 1]).float()
         o, ht = delta_rule_recurrence(*(t.float().transpose(1, 2) for t in (qs, ks, vs, bs)),
-                                      initial_state=h0, output_final_state=True)
+                                      initial_state=_initial(initial_state, n, cu_seqlens), output_final_state=True)
         outs.append(o.transpose(1, 2).to(v.dtype))
         finals.append(ht)
     final = torch.cat(finals, 0).float().contiguous() if output_final_state else None
-    return _join(outs, cu_seqlens), final
+    return torch.cat(outs, 1), final
 
 
 # --------------------------------------------------------------------------- attention (hybrids)

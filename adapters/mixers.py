@@ -17,9 +17,9 @@ from torch.nn import functional as F
 
 from ..kernels.memory import kernels_enabled, memory_decode_fused, memory_prefill_fused
 from .config import MemoryConfig
-from .fallbacks import l2_normalize
+from .fallbacks import expand_heads, l2_normalize, spans
 from .reference import empty_memory, memory_forward
-from .state import _expand, _spans, state_forward
+from .state import state_forward
 
 MEMORY_KEY = 'hola_memory'
 
@@ -103,26 +103,26 @@ class HolaMixin:
                                    offset=q_len)
 
         B, T, HV, V = v.shape
-        spans = _spans(B, T, cu_seqlens)
+        seqs = spans(B, T, cu_seqlens)
         mem = last_state.get(MEMORY_KEY) if last_state is not None else None
         if mem is None:
-            mem = empty_memory(len(spans), HV, self.head_k_dim, V, self.hola, v.dtype, v.device)
-        elif mem['seen'].shape[0] != len(spans):
+            mem = empty_memory(len(seqs), HV, self.head_k_dim, V, self.hola, v.dtype, v.device)
+        elif mem['seen'].shape[0] != len(seqs):
             raise ValueError(f"the cache holds memory for {mem['seen'].shape[0]} sequences, this call has "
-                             f"{len(spans)}; pass a padding mask whose last column is all ones, or a new cache")
-        qn, kn = _expand(l2_normalize(q), HV), _expand(l2_normalize(k), HV)
+                             f"{len(seqs)}; pass a padding mask whose last column is all ones, or a new cache")
+        qn, kn = expand_heads(l2_normalize(q), HV), expand_heads(l2_normalize(k), HV)
         params = self.mem(x)
         o = torch.empty_like(o_state)
         scale = self.head_k_dim ** -0.5
         fused = kernels_enabled(v)
-        if fused and all(e - s == 1 for _, s, e in spans):  # decode: one fused call for the whole batch
-            rows = torch.tensor([b for b, _, _ in spans], device=v.device)
-            cols = torch.tensor([s for _, s, _ in spans], device=v.device)
+        if fused and all(e - s == 1 for _, s, e in seqs):  # decode: one fused call for the whole batch
+            rows = torch.tensor([b for b, _, _ in seqs], device=v.device)
+            cols = torch.tensor([s for _, s, _ in seqs], device=v.device)
             o[rows, cols] = memory_decode_fused(mem, qn[rows, cols], kn[rows, cols], v[rows, cols], score[rows, cols],
                                                 o_state[rows, cols], params, self.hola, scale).to(o.dtype)
         else:
             step = memory_prefill_fused if fused else memory_forward
-            for n, (b, s, e) in enumerate(spans):
+            for n, (b, s, e) in enumerate(seqs):
                 o[b, s:e] = step(mem, n, qn[b, s:e], kn[b, s:e], v[b, s:e], score[b, s:e], o_state[b, s:e],
                                  params, self.hola, scale).to(o.dtype)
         if state is not None:

@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from .fallbacks import gdn_decay, l2_normalize
-from .fallbacks import spans as _spans
+from .fallbacks import expand_heads, gdn_beta, gdn_decay, l2_normalize, spans
 from .reference import delta_rule_with_score
 
 
-def _expand(x: torch.Tensor, hv: int) -> torch.Tensor:
-    return x if x.shape[-2] == hv else x.repeat_interleave(hv // x.shape[-2], dim=-2)
-
-
 def state_forward(kind: str, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval: bool,
-                  initial_state, cu_seqlens, use_beta_sigmoid: bool = True):
+                  initial_state, cu_seqlens):
     """Returns o [B, T, HV, V] (scaled by d_k^-0.5, fla's output), score [B, T, HV] float32, final state.
 
     kind: 'gdn' or 'deltanet'. For DeltaNet, `beta_raw` is already beta (fla's layer applies the
@@ -36,9 +31,7 @@ def state_forward(kind: str, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg
 
 
 def _beta(kind, beta_raw, allow_neg_eigval):
-    if kind == 'gdn':
-        return torch.sigmoid(beta_raw.float()) * (2.0 if allow_neg_eigval else 1.0)
-    return beta_raw.float()
+    return gdn_beta(beta_raw, allow_neg_eigval) if kind == 'gdn' else beta_raw.float()
 
 
 def _state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
@@ -46,13 +39,13 @@ def _state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, all
     B, T, H, K = q.shape
     HV = v.shape[2]
     scale = K ** -0.5
-    qn, kn = _expand(l2_normalize(q), HV), _expand(l2_normalize(k), HV)
+    qn, kn = expand_heads(l2_normalize(q), HV), expand_heads(l2_normalize(k), HV)
     beta = _beta(kind, beta_raw, allow_neg_eigval)
     log_alpha = gdn_decay(a_raw, A_log, dt_bias) if kind == 'gdn' else None
     o = torch.empty(*v.shape, dtype=v.dtype, device=v.device)
     score = torch.empty(B, T, HV, dtype=torch.float32, device=v.device)
     finals = []
-    for n, (b, s, e) in enumerate(_spans(B, T, cu_seqlens)):
+    for n, (b, s, e) in enumerate(spans(B, T, cu_seqlens)):
         S0 = None
         if initial_state is not None:
             S0 = initial_state[n].transpose(-1, -2) if kind == 'gdn' else initial_state[n]  # -> [HV, K, V]
@@ -109,10 +102,10 @@ def _torch_chunk_gdn(q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
     from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
     B, T, H, K = q.shape
     HV = v.shape[2]
-    qn, kn = _expand(l2_normalize(q), HV), _expand(l2_normalize(k), HV)
+    qn, kn = expand_heads(l2_normalize(q), HV), expand_heads(l2_normalize(k), HV)
     beta, g = _beta('gdn', beta_raw, allow_neg_eigval), gdn_decay(a_raw, A_log, dt_bias)
     outs, finals = [], []
-    for n, (b, s, e) in enumerate(_spans(B, T, cu_seqlens)):
+    for n, (b, s, e) in enumerate(spans(B, T, cu_seqlens)):
         h0 = initial_state[n:n + 1].transpose(-1, -2).float() if initial_state is not None else None
         o, ht = naive_chunk_gated_delta_rule(qn[b:b + 1, s:e], kn[b:b + 1, s:e], v[b:b + 1, s:e].float(), g[b:b + 1, s:e],
                                              beta[b:b + 1, s:e], scale=K ** -0.5, initial_state=h0,
@@ -178,7 +171,7 @@ def _decode_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigva
     """One token per sequence: e_t from the cached S_{t-1}, then fla's fused recurrent step."""
     HV = v.shape[2]
     shape = v.shape[:2]
-    kn = _expand(l2_normalize(k), HV).reshape(-1, HV, k.shape[-1])          # [N, HV, K]
+    kn = expand_heads(l2_normalize(k), HV).reshape(-1, HV, k.shape[-1])          # [N, HV, K]
     beta = _beta(kind, beta_raw, allow_neg_eigval).reshape(-1, HV)
     S = initial_state.float()
     if kind == 'gdn':
