@@ -17,6 +17,17 @@ from .mixers import MEMORY_KEY, HolaMixin, attach_memory
 from .reference import memory_nbytes
 
 
+def tensor_nbytes(x) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples (e.g. an fla cache's layer states)."""
+    if hasattr(x, 'element_size'):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(tensor_nbytes(y) for y in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(tensor_nbytes(y) for y in x)
+    return 0
+
+
 class HolaCache(Cache):
     """fla's Cache; each layer's state dict also holds `hola_memory` (cache, block, scores, counts)."""
 
@@ -29,21 +40,7 @@ class HolaCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes of every tensor in the cache: recurrent and conv states plus the memory."""
-        total = 0
-
-        def add(x):
-            nonlocal total
-            if hasattr(x, 'element_size'):
-                total += x.numel() * x.element_size()
-            elif isinstance(x, dict):
-                for y in x.values():
-                    add(y)
-            elif isinstance(x, (list, tuple)):
-                for y in x:
-                    add(y)
-        for s in self._states():
-            add(s)
-        return total
+        return tensor_nbytes(self._states())
 
 
 class _HolaConfigMixin:

@@ -25,6 +25,7 @@ from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.models.cache_utils import Cache
 from hola_retrofit.adapters import MemoryConfig, retrofit_model
 from hola_retrofit.adapters.mixers import MEMORY_KEY, HolaDeltaNet, HolaGatedDeltaNet
+from hola_retrofit.adapters.modeling import tensor_nbytes
 
 
 def rel(a, b):
@@ -123,9 +124,7 @@ def peak_memory(T, small, dev, mem):
             peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if dev == 'cuda' else None
             mem_b = cache.memory_nbytes() if hasattr(cache, 'memory_nbytes') else 0
             rows.append(dict(check='peak_memory', model=name, phase=phase, T=T, peak_extra_MiB=peak,
-                             cache_MiB=round(sum(t.numel() * t.element_size() for s in cache for v in s.values()
-                                                 if v is not None for t in (v if isinstance(v, (tuple, list)) else
-                                                 (v.values() if isinstance(v, dict) else [v]))) / 2**20, 2),
+                             cache_MiB=round(tensor_nbytes(list(cache)) / 2**20, 2),
                              memory_MiB=round(mem_b / 2**20, 2), seconds=round(sec, 3)))
         if name == 'hola':
             del model
