@@ -49,6 +49,18 @@ def memory_nbytes(mem: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in mem.values())
 
 
+def store_cache(mem: dict, n: int, cand: dict[str, torch.Tensor], sel: torch.Tensor) -> None:
+    """Write the candidates `sel` [HV, M] (-1: leave the slot empty) into the cache of sequence n.
+    `cand` holds candidate tensors under the cache's keys: cache_k/cache_v [HV, N, D], cache_score/cache_pos [HV, N]."""
+    ok, idx = sel >= 0, sel.clamp_min(0)
+    for key, empty in (('cache_k', 0), ('cache_v', 0), ('cache_score', float('-inf')), ('cache_pos', -1)):
+        t = cand[key]
+        if t.dim() == 3:
+            mem[key][n] = torch.where(ok[..., None], t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1])), empty)
+        else:
+            mem[key][n] = torch.where(ok, t.gather(1, idx), empty)
+
+
 def merge(mem: dict, n: int, cfg: MemoryConfig) -> None:
     """Merge the full block of sequence n into its cache: keep the top-M by (score desc, position asc)."""
     M, C = cfg.cache_size, cfg.block_size
@@ -57,18 +69,15 @@ def merge(mem: dict, n: int, cfg: MemoryConfig) -> None:
         return
     hv = mem['cache_k'].shape[1]
     block_pos = torch.arange(start, start + C, device=mem['cache_pos'].device).expand(hv, C)
-    cand_k = torch.cat([mem['cache_k'][n], mem['block_k'][n]], 1)
-    cand_v = torch.cat([mem['cache_v'][n], mem['block_v'][n]], 1)
-    cand_s = torch.cat([mem['cache_score'][n], mem['block_score'][n]], 1)
-    cand_p = torch.cat([mem['cache_pos'][n], block_pos], 1)
+    cand = {'cache_k': torch.cat([mem['cache_k'][n], mem['block_k'][n]], 1),
+            'cache_v': torch.cat([mem['cache_v'][n], mem['block_v'][n]], 1),
+            'cache_score': torch.cat([mem['cache_score'][n], mem['block_score'][n]], 1),
+            'cache_pos': torch.cat([mem['cache_pos'][n], block_pos], 1)}
+    cand_s, cand_p = cand['cache_score'], cand['cache_pos']
     key = cand_s if cfg.eviction == 'surprise' else torch.where(cand_p >= 0, cand_p.double(), float('-inf'))
     by_pos = torch.argsort(cand_p, dim=1, stable=True)
     order = torch.argsort(key.gather(1, by_pos), dim=1, descending=True, stable=True)[:, :M]
-    sel = by_pos.gather(1, order)
-    mem['cache_k'][n] = cand_k.gather(1, sel[..., None].expand(-1, -1, cand_k.shape[-1]))
-    mem['cache_v'][n] = cand_v.gather(1, sel[..., None].expand(-1, -1, cand_v.shape[-1]))
-    mem['cache_score'][n] = cand_s.gather(1, sel)
-    mem['cache_pos'][n] = cand_p.gather(1, sel)
+    store_cache(mem, n, cand, by_pos.gather(1, order))
 
 
 def read_combine(q: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor, valid: torch.Tensor,

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..adapters.reference import merge, rms
+from ..adapters.reference import merge, rms, store_cache
 from .select import select_caches
 
 
@@ -58,12 +58,7 @@ def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dic
     if b1 > b0:
         if M:
             sel = select_caches(cand_s, cand_p, torch.tensor([b1], device=dev), M, C, cfg.eviction)[:, 0]
-            ok = sel >= 0
-            s = sel.clamp_min(0)
-            mem['cache_k'][n] = torch.where(ok[..., None], cand_k.gather(1, s[..., None].expand(-1, -1, K)), 0)
-            mem['cache_v'][n] = torch.where(ok[..., None], cand_v.gather(1, s[..., None].expand(-1, -1, cand_v.shape[-1])), 0)
-            mem['cache_score'][n] = torch.where(ok, cand_s.gather(1, s), float('-inf'))
-            mem['cache_pos'][n] = torch.where(ok, cand_p.gather(1, s), -1)
+            store_cache(mem, n, {'cache_k': cand_k, 'cache_v': cand_v, 'cache_score': cand_s, 'cache_pos': cand_p}, sel)
         mem['block_score'][n] = float('-inf')
         mem['block_k'][n, :, :fill1] = kk[:, L - fill1:]
         mem['block_v'][n, :, :fill1] = vv[:, L - fill1:]
