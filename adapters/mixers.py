@@ -95,36 +95,44 @@ class HolaMixin:
         x, indices, cu_seqlens = unpad_hidden_states(hidden_states=hidden_states, cu_seqlens=kwargs.get('cu_seqlens'),
                                                      attention_mask=attention_mask, q_len=q_len)
         q, k, v, beta, a, conv_state = self._inputs(x, last_state, use_cache, cu_seqlens)
-        recurrent = last_state['recurrent_state'] if last_state is not None else None
+        previous = last_state['recurrent_state'] if last_state is not None else None
+        B, T, HV, V = v.shape
+        seqs = spans(B, T, cu_seqlens)
+        fused = kernels_enabled(v)
+        fused_decode = fused and B * T == len(seqs)  # one token per sequence: the kernel computes the score
         o_state, score, recurrent = state_forward(
             self.kind, q, k, v, beta, a, getattr(self, 'A_log', None), getattr(self, 'dt_bias', None),
-            self.allow_neg_eigval, recurrent, cu_seqlens)
+            self.allow_neg_eigval, previous, cu_seqlens, with_score=not fused_decode)
         state = update_layer_cache(self, past_key_values, recurrent_state=recurrent, conv_state=conv_state,
                                    offset=q_len)
 
-        B, T, HV, V = v.shape
-        seqs = spans(B, T, cu_seqlens)
         mem = last_state.get(MEMORY_KEY) if last_state is not None else None
         if mem is None:
             mem = empty_memory(len(seqs), HV, self.head_k_dim, V, self.hola, v.dtype, v.device)
         elif mem['seen'].shape[0] != len(seqs):
             raise ValueError(f"the cache holds memory for {mem['seen'].shape[0]} sequences, this call has "
                              f"{len(seqs)}; pass a padding mask whose last column is all ones, or a new cache")
-        qn, kn = expand_heads(l2_normalize(q), HV), expand_heads(l2_normalize(k), HV)
         params = self.mem(x)
-        o = torch.empty_like(o_state)
         scale = self.head_k_dim ** -0.5
-        fused = kernels_enabled(v)
-        if fused and all(e - s == 1 for _, s, e in seqs):  # decode: one fused call for the whole batch
-            rows = torch.tensor([b for b, _, _ in seqs], device=v.device)
-            cols = torch.tensor([s for _, s, _ in seqs], device=v.device)
-            o[rows, cols] = memory_decode_fused(mem, qn[rows, cols], kn[rows, cols], v[rows, cols], score[rows, cols],
-                                                o_state[rows, cols], params, self.hola, scale).to(o.dtype)
+        if fused:  # the kernels normalise raw q/k themselves and write into o_state in place
+            o = o_state
+            if fused_decode:  # one launch for the whole batch
+                N = len(seqs)
+                state_in = dict(kind=self.kind, S=previous, beta=beta, a=a, A_log=getattr(self, 'A_log', None),
+                                dt_bias=getattr(self, 'dt_bias', None), allow_neg_eigval=self.allow_neg_eigval)
+                memory_decode_fused(mem, q.reshape(N, *q.shape[2:]), k.reshape(N, *k.shape[2:]), v.reshape(N, HV, V),
+                                    None, o.reshape(N, HV, V), params, self.hola, scale, state=state_in,
+                                    out=o.reshape(N, HV, V))
+            else:
+                for n, (b, s, e) in enumerate(seqs):
+                    memory_prefill_fused(mem, n, q[b, s:e], k[b, s:e], v[b, s:e], score[b, s:e], o[b, s:e], params,
+                                         self.hola, scale, out=o[b, s:e])
         else:
-            step = memory_prefill_fused if fused else memory_forward
+            qn, kn = expand_heads(l2_normalize(q), HV), expand_heads(l2_normalize(k), HV)
+            o = torch.empty_like(o_state)
             for n, (b, s, e) in enumerate(seqs):
-                o[b, s:e] = step(mem, n, qn[b, s:e], kn[b, s:e], v[b, s:e], score[b, s:e], o_state[b, s:e],
-                                 params, self.hola, scale).to(o.dtype)
+                o[b, s:e] = memory_forward(mem, n, qn[b, s:e], kn[b, s:e], v[b, s:e], score[b, s:e], o_state[b, s:e],
+                                           params, self.hola, scale).to(o.dtype)
         if state is not None:
             state[MEMORY_KEY] = mem
 

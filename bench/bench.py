@@ -96,26 +96,61 @@ def ceilings(dev):
 
 @torch.no_grad()
 def read_kernel_roofline(T, M, dev, reps):
-    """The prefill read kernel alone on one 340M-shaped layer's shapes (4 value heads, K 256, V 512)."""
+    """The memory of one 340M-shaped layer (4 value heads, K 256, V 512, bf16, C 64) at T tokens: the selection,
+    the prefill read kernel alone, and the whole fused prefill (selection + read + state update)."""
+    from hola_retrofit.adapters.reference import empty_memory
+    from hola_retrofit.kernels.memory import memory_prefill_fused
     from hola_retrofit.kernels.read import prefill_read
     from hola_retrofit.kernels.select import select_caches
     HV, K, V, C = 4, 256, 512, 64
-    q = torch.randn(HV, T, K, device=dev)
-    kc = torch.randn(HV, T, K, device=dev)
-    vc = torch.randn(HV, T, V, device=dev, dtype=torch.bfloat16)
+    cfg = MemoryConfig(cache_size=M, block_size=C)
+    bf = torch.bfloat16
+    q, k = (torch.randn(T, HV, K, device=dev, dtype=bf) for _ in range(2))
+    v = torch.randn(T, HV, V, device=dev, dtype=bf)
+    score = torch.rand(T, HV, device=dev)
+    ost = torch.randn(T, HV, V, device=dev, dtype=bf)
+    params = {'q_gamma': torch.full((HV, K), 2.0, device=dev), 'k_gamma': torch.full((HV, K), 2.0, device=dev),
+              'sink': torch.full((HV,), 28.0, device=dev), 'gate': torch.zeros(HV, device=dev)}
     blocks = torch.arange(0, T // C, device=dev)
-    idx = select_caches(torch.rand(HV, T, device=dev), torch.arange(T, device=dev).expand(HV, -1), blocks, M, C)
+    pos = torch.arange(T, device=dev).expand(HV, -1)
+    idx, cnt = select_caches(score.t(), pos, blocks, M, C)
+    t_sel = timed(lambda: select_caches(score.t(), pos, blocks, M, C), reps)
     qs, qe = blocks * C, blocks * C + C
-    ost = torch.randn(T, HV, V, device=dev, dtype=torch.bfloat16)
-    sink, gate = torch.zeros(HV, device=dev), torch.zeros(HV, device=dev)
-    t = timed(lambda: prefill_read(q, kc, vc, idx, qs, qe, qs, 0, ost, sink, gate, 0.0625, True, C), reps)
-    t_sel = timed(lambda: select_caches(torch.rand(HV, T, device=dev), torch.arange(T, device=dev).expand(HV, -1),
-                                        blocks, M, C), reps)
-    entries = M + C  # per query (upper bound: the causal half of the own block)
+    k_old, v_old = torch.zeros(HV, 0, K, device=dev, dtype=bf), torch.zeros(HV, 0, V, device=dev, dtype=bf)
+    gqk = torch.full((HV, K), 4.0, device=dev)
+    t = timed(lambda: prefill_read(q, k_old, v_old, k, v, idx, cnt, qs, qe, qs, ost, gqk, params['sink'],
+                                   params['gate'], 0.0625, True, C), reps)
+    t_all = timed(lambda: memory_prefill_fused(empty_memory(1, HV, K, V, cfg, bf, torch.device(dev)), 0, q, k, v,
+                                               score, ost, params, cfg, 0.0625, out=torch.empty_like(ost)), reps)
+    entries = M + (C + 1) / 2  # per query: the cache and, on average, half of its own block
     flops = 2 * HV * T * entries * (K + V)
-    # fewest bytes: q, out, o_state once; each block reads its M gathered + C own keys and values
-    bytes_ = HV * T * K * 4 + 2 * T * HV * V * 2 + T * HV * V * 4 + HV * (T // C) * entries * (K * 4 + V * 2)
-    return dict(read_ms=t * 1e3, select_ms=t_sel * 1e3, flops=flops / t, bytes_per_s=bytes_ / t)
+    # fewest bytes: q, k, v, o_state and the output once (gathered cache rows are re-read from L2)
+    bytes_ = 2 * T * HV * (2 * K + 3 * V)
+    return dict(read_ms=t * 1e3, select_ms=t_sel * 1e3, memory_prefill_ms=t_all * 1e3, flops=flops / t,
+                bytes_per_s=bytes_ / t)
+
+
+@torch.no_grad()
+def profile(model, T, dev, vocab):
+    """torch.profiler tables for one prefill of T tokens and 8 decode steps (where the time goes)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    ids = torch.randint(3, vocab, (1, T), device=dev)
+    model(ids, use_cache=True, logits_to_keep=1)  # warm
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == 'cuda' else [])
+    sort = 'self_cuda_time_total' if dev == 'cuda' else 'self_cpu_time_total'
+    with prof(activities=acts) as p:
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        sync()
+    print(f'--- prefill {T} tokens\n' + p.key_averages().table(sort_by=sort, row_limit=15), flush=True)
+    cache, nxt = out.past_key_values, ids[:, -1:]
+    for _ in range(3):
+        cache = model(nxt, past_key_values=cache, use_cache=True).past_key_values
+    with prof(activities=acts) as p:
+        for _ in range(8):
+            cache = model(nxt, past_key_values=cache, use_cache=True).past_key_values
+        sync()
+    print('--- 8 decode steps\n' + p.key_averages().table(sort_by='self_cpu_time_total', row_limit=20), flush=True)
 
 
 def main():
@@ -128,6 +163,8 @@ def main():
     ap.add_argument('--torch-max', type=int, default=8192, help='longest length for the PyTorch-memory rows')
     ap.add_argument('--small', action='store_true')
     ap.add_argument('--out', default=None)
+    ap.add_argument('--profile', action='store_true', help='then profile the retrofit (largest M) at the longest length')
+    ap.add_argument('--no-kernel-rows', action='store_true', help='skip the kernel-level roofline rows')
     args = ap.parse_args()
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     dtype = torch.bfloat16 if dev == 'cuda' else torch.float32
@@ -164,15 +201,21 @@ def main():
                           decode_vs_base=r['decode_ms'] / b['decode_ms'],
                           peak_vs_base=r['peak_MiB'] / b['peak_MiB'] if dev == 'cuda' else None))
             del hola
-    if dev == 'cuda':
+    if dev == 'cuda' and not args.no_kernel_rows:
         bw, fl = ceilings(dev)
         emit(dict(ceiling_copy_GBps=bw / 1e9, ceiling_bf16_TFLOPs=fl / 1e12))
         for M in (64, 512):
             k = read_kernel_roofline(32768, M, dev, args.reps)
-            emit(dict(kernel='prefill_read', T=32768, M=M, **{x: k[x] for x in ('read_ms', 'select_ms')},
+            emit(dict(kernel='prefill_read', T=32768, M=M,
+                      **{x: k[x] for x in ('read_ms', 'select_ms', 'memory_prefill_ms')},
                       TFLOPs=k['flops'] / 1e12, GBps=k['bytes_per_s'] / 1e9,
                       frac_flops=k['flops'] / fl, frac_bw=k['bytes_per_s'] / bw))
-    print('\n' + table(rows))
+    print('\n' + table(rows), flush=True)
+    if args.profile:
+        M = max(int(m) for m in args.cache.split(','))
+        os.environ['HOLA_KERNELS'] = '1' if dev == 'cuda' else '0'
+        profile(retrofit_model(base, MemoryConfig(cache_size=M, block_size=args.block)).eval(), lengths[-1], dev,
+                kw['vocab_size'])
 
 
 def table(rows):

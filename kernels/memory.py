@@ -8,12 +8,12 @@ differentiable in the memory parameters, the kernels are not.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
-from ..adapters.reference import merge, rms, store_cache
+from ..adapters.fallbacks import l2_normalize
+from ..adapters.reference import store_cache
 from .select import select_caches
 
 
@@ -26,65 +26,73 @@ def kernels_enabled(t: torch.Tensor) -> bool:
     return mode == '1' and os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
-def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dict, cfg, scale: float):
-    """As reference.memory_forward for L tokens of sequence n; returns [L, HV, V] float32."""
+def unit_keys(k: torch.Tensor, rows: torch.Tensor, hv: int) -> torch.Tensor:
+    """Unit-L2 keys of tokens `rows` [HV, R] for every value head from raw keys k [L, H, K]: [HV, R, K] float32."""
+    heads = torch.arange(hv, device=k.device)[:, None] // (hv // k.shape[1])
+    return l2_normalize(k[rows, heads])
+
+
+def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dict, cfg, scale: float,
+                         out: torch.Tensor | None = None):
+    """As reference.memory_forward for L tokens of sequence n, except that q, k are raw [L, H, K] (before the
+    L2 norm, not expanded to the value heads): the kernels normalise them. Writes the output into `out`
+    (default: a new float32 tensor; o_state itself may be passed) and returns it."""
     from .read import prefill_read
     C, M = cfg.block_size, cfg.cache_size
-    L, HV, K = q.shape
-    dev = q.device
+    L, HV, _ = v.shape
+    dev = v.device
     dtype = mem['block_k'].dtype
     seen0 = int(mem['seen'][n])
-    b0, fill0 = divmod(seen0, C)
-    kk, vv = k.transpose(0, 1).to(dtype), v.transpose(0, 1).to(dtype)           # [HV, L, *]
-    new_pos = torch.arange(seen0, seen0 + L, device=dev)
-    blk_pos = torch.arange(b0 * C, b0 * C + fill0, device=dev)
-    cand_k = torch.cat([mem['cache_k'][n], mem['block_k'][n, :, :fill0], kk], 1)
-    cand_v = torch.cat([mem['cache_v'][n], mem['block_v'][n, :, :fill0], vv], 1)
-    cand_s = torch.cat([mem['cache_score'][n], mem['block_score'][n, :, :fill0], score.transpose(0, 1).float()], 1)
-    cand_p = torch.cat([mem['cache_pos'][n], blk_pos.expand(HV, -1), new_pos.expand(HV, -1)], 1)
-    off_new = M + fill0
-    blocks = torch.arange(b0, (seen0 + L - 1) // C + 1, device=dev)
-    q_start = (blocks * C - seen0).clamp_min(0)
-    q_end = ((blocks + 1) * C - seen0).clamp_max(L)
-    cand_start = torch.where(blocks == b0, torch.full_like(blocks, M), off_new + q_start)
-    idx = select_caches(cand_s, cand_p, blocks, M, C, cfg.eviction)
-    q_t = (rms(q, cfg.norm_eps) * params['q_gamma'].float()).transpose(0, 1) / math.sqrt(K)
-    k_t = rms(cand_k, cfg.norm_eps) * params['k_gamma'].float()[:, None]
-    out = prefill_read(q_t, k_t, cand_v, idx, q_start, q_end, cand_start, off_new, o_state, params['sink'],
-                       params['gate'], scale, cfg.read_rule == 'shared', C, cfg.read_block)
-    # the memory state after these tokens: cache of the last completed block boundary, trailing partial block
     seen1 = seen0 + L
-    b1, fill1 = divmod(seen1, C)
+    (b0, fill0), (b1, fill1) = divmod(seen0, C), divmod(seen1, C)
+    NO = M + fill0  # earlier candidates: the cache, then the partial block; new token i is candidate NO + i
+    k_old = torch.cat([mem['cache_k'][n], mem['block_k'][n, :, :fill0]], 1)
+    v_old = torch.cat([mem['cache_v'][n], mem['block_v'][n, :, :fill0]], 1)
+    cand_s = torch.cat([mem['cache_score'][n], mem['block_score'][n, :, :fill0], score.transpose(0, 1).float()], 1)
+    cand_p = torch.cat([mem['cache_pos'][n], torch.arange(b0 * C, seen1, device=dev).expand(HV, -1)], 1)
+    last = (seen1 - 1) // C                     # the last query block; the state needs the cache of block b1
+    blocks = torch.arange(b0, max(last, b1) + 1, device=dev)
+    qb = blocks[:last - b0 + 1]
+    q_start = (qb * C - seen0).clamp_min(0)
+    q_end = ((qb + 1) * C - seen0).clamp_max(L)
+    cand_start = torch.where(qb == b0, torch.full_like(qb, M), NO + q_start)
+    idx, cnt = select_caches(cand_s, cand_p, blocks, M, C, cfg.eviction)
+    out = prefill_read(q, k_old, v_old, k, v, idx, cnt, q_start, q_end, cand_start, o_state,
+                       params['q_gamma'].float() * params['k_gamma'].float(), params['sink'], params['gate'], scale,
+                       cfg.read_rule == 'shared', C, cfg.read_block, cfg.norm_eps, out)
+    # the memory state after these tokens: cache of the last completed block boundary, trailing partial block
     if b1 > b0:
         if M:
-            sel = select_caches(cand_s, cand_p, torch.tensor([b1], device=dev), M, C, cfg.eviction)[:, 0]
-            store_cache(mem, n, {'cache_k': cand_k, 'cache_v': cand_v, 'cache_score': cand_s, 'cache_pos': cand_p}, sel)
+            sel = idx[:, b1 - b0].long()                                  # [HV, M], -1 = empty
+            ok, old = sel >= 0, sel < NO
+            new = (sel - NO).clamp(0, L - 1)
+            at = sel.clamp(0, NO - 1)
+            kept = {'cache_k': torch.where(old[..., None], k_old.gather(1, at[..., None].expand(-1, -1, k_old.shape[-1])),
+                                           unit_keys(k, new, HV).to(dtype)),
+                    'cache_v': torch.where(old[..., None], v_old.gather(1, at[..., None].expand(-1, -1, v_old.shape[-1])),
+                                           v[new, torch.arange(HV, device=dev)[:, None]].to(dtype)),
+                    'cache_score': cand_s.gather(1, sel.clamp_min(0)), 'cache_pos': cand_p.gather(1, sel.clamp_min(0))}
+            store_cache(mem, n, kept, torch.where(ok, torch.arange(M, device=dev), -1))
+        rows = torch.arange(L - fill1, L, device=dev).expand(HV, -1)
         mem['block_score'][n] = float('-inf')
-        mem['block_k'][n, :, :fill1] = kk[:, L - fill1:]
-        mem['block_v'][n, :, :fill1] = vv[:, L - fill1:]
+        mem['block_k'][n, :, :fill1] = unit_keys(k, rows, HV).to(dtype)
+        mem['block_v'][n, :, :fill1] = v[L - fill1:].transpose(0, 1).to(dtype)
         mem['block_score'][n, :, :fill1] = score[L - fill1:].transpose(0, 1).float()
     else:
-        mem['block_k'][n, :, fill0:fill0 + L] = kk
-        mem['block_v'][n, :, fill0:fill0 + L] = vv
-        mem['block_score'][n, :, fill0:fill0 + L] = score.transpose(0, 1).float()
+        mem['block_k'][n, :, fill0:fill1] = unit_keys(k, torch.arange(L, device=dev).expand(HV, -1), HV).to(dtype)
+        mem['block_v'][n, :, fill0:fill1] = v.transpose(0, 1).to(dtype)
+        mem['block_score'][n, :, fill0:fill1] = score.transpose(0, 1).float()
     mem['seen'][n] = seen1
     return out
 
 
-def memory_decode_fused(mem: dict, q, k, v, score, o_state, params: dict, cfg, scale: float):
-    """One token for every sequence: q, k [N, HV, K], v [N, HV, V], score [N, HV], o_state [N, HV, V]."""
-    from .read import decode_read
-    C = cfg.block_size
-    N = q.shape[0]
-    rows = torch.arange(N, device=q.device)
-    fill = mem['seen'] % C
-    mem['block_k'][rows, :, fill] = k.to(mem['block_k'].dtype)
-    mem['block_v'][rows, :, fill] = v.to(mem['block_v'].dtype)
-    mem['block_score'][rows, :, fill] = score.float()
-    out = decode_read(q, mem, fill + 1, o_state, params, cfg.norm_eps, scale, cfg.read_rule == 'shared',
-                      cfg.read_block)
+def memory_decode_fused(mem: dict, q, k, v, score, o_state, params: dict, cfg, scale: float,
+                        state: dict | None = None, out: torch.Tensor | None = None):
+    """One token for every sequence, raw q, k [N, H, K], v [N, HV, V], o_state [N, HV, V], and either the
+    score [N, HV] or `state` to compute it from (see read.decode_step): one kernel launch (score, write,
+    read, combine, merge at block ends) and the position update. No host sync."""
+    from .read import decode_step
+    out = decode_step(q, k, v, mem, o_state, params, cfg.norm_eps, scale, cfg.read_rule == 'shared', cfg.read_block,
+                      cfg.eviction, score=score, state=state, out=out)
     mem['seen'] += 1
-    for n in torch.nonzero(fill + 1 == C).flatten().tolist():  # blocks that just ended: merge (every C steps)
-        merge(mem, n, cfg)
-        mem['block_score'][n] = float('-inf')
     return out

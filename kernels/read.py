@@ -27,65 +27,89 @@ def _autotune(configs, key):
 
 
 _CONFIGS = [triton.Config({'BN': bn, 'BV': bv}, num_warps=w, num_stages=s)
-            for bn in (32, 64) for bv in (64, 128) for w in (4, 8) for s in (2, 3)]
+            for bn in (32, 64) for bv in (128, 256) for w in (4, 8) for s in (1, 2)]
 
 
-@_autotune(_CONFIGS, key=['K', 'V', 'BQ', 'BK'])
 @triton.jit
-def _prefill_read_kernel(Q, KC, VC, IDX, QS, QE, CB, OST, OUT, SINK, GATE,
-                         L, NC, NB, M, OFF_NEW, scale,
-                         K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+def _unit_rms(s2, eps_l2, eps, K: tl.constexpr):
+    """The factor f with rms(l2_normalize(x)) = f * x, from s2 = sum(x^2) (fla's L2 norm, then RMSNorm)."""
+    r1 = tl.rsqrt(s2 + eps_l2)
+    return r1 * tl.rsqrt(s2 * r1 * r1 / K + eps)
+
+
+@triton.jit
+def _load_rows(OLD, NEW, h, hn, rows, valid, NO, s_t, s_h, cols, mcol, D: tl.constexpr):
+    """Rows of candidates as float32: index < NO from OLD [HV, NO, D], else row index - NO of NEW (strided)."""
+    old = rows < NO
+    a = tl.load(OLD + (h * NO + rows[:, None]) * D + cols[None, :], mask=(valid & old)[:, None] & mcol[None, :],
+                other=0.)
+    b = tl.load(NEW + (rows - NO)[:, None] * s_t + hn * s_h + cols[None, :],
+                mask=(valid & (rows >= NO))[:, None] & mcol[None, :], other=0.)
+    return a.to(tl.float32) + b.to(tl.float32)
+
+
+@triton.jit
+def _attend(q, k, v, mask, m_i, l_i, acc, eps_l2, eps, K: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step of queries q [BQ, BK] over raw keys k [BN, BK] (normalised here) and values."""
+    kf = _unit_rms(tl.sum(k * k, 1), eps_l2, eps, K)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * kf[None, :]
+    s = tl.where(mask, s, float('-inf'))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@_autotune(_CONFIGS, key=['K', 'V', 'BQ', 'BK', 'G'])
+@triton.jit
+def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, QS, QE, CB, OST, OUT, GQK, SINK, GATE,
+                         NO, NBS, M, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, eps_l2, eps, scale,
+                         G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                          BN: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr, READ_BLOCK: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, LOWP: tl.constexpr):
     j, h, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HV = tl.num_programs(1)
+    hk = h // G  # the q/k head of this value head
     qs = tl.load(QS + j)
     qe = tl.load(QE + j)
-    cb = tl.load(CB + j)
     rq = qs + tl.arange(0, BQ)
     mq = rq < qe
     rk = tl.arange(0, BK)
+    mk = rk < K
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < V
-    q = tl.load(Q + (h * L + rq[:, None]) * K + rk[None, :], mask=mq[:, None] & (rk[None, :] < K), other=0.)
+    # queries: l2 norm, RMSNorm, gamma_q * gamma_k and 1/sqrt(K) folded in
+    q = tl.load(Q + rq[:, None] * sq_t + hk * sq_h + rk[None, :], mask=mq[:, None] & mk[None, :], other=0.)
+    q = q.to(tl.float32)
+    gqk = tl.load(GQK + h * K + rk, mask=mk, other=0.)
+    q = q * (_unit_rms(tl.sum(q * q, 1), eps_l2, eps, K) / tl.sqrt(K * 1.0))[:, None] * gqk[None, :]
+    if LOWP:  # bf16/fp16 operands for both dots, float32 accumulation (flash-attention style)
+        q = q.to(VN.dtype.element_ty)
     sink = tl.load(SINK + h).to(tl.float32)
     m_i = tl.zeros([BQ], dtype=tl.float32) + sink
     l_i = tl.zeros([BQ], dtype=tl.float32) + 1.0
     acc = tl.zeros([BQ, BV], dtype=tl.float32)
-    # the cache of this block: a gathered list of candidate indices (-1 = empty)
-    for t in range(0, M, BN):
+    # the cache of this block: a gathered list of candidate indices
+    n_cache = tl.load(CNT + h * NBS + j)
+    for t in range(0, n_cache, BN):
         rn = t + tl.arange(0, BN)
-        idx = tl.load(IDX + (h * NB + j) * M + rn, mask=rn < M, other=-1)
-        valid = idx >= 0
-        safe = tl.where(valid, idx, 0)
-        k = tl.load(KC + (h * NC + safe[:, None]) * K + rk[None, :], mask=valid[:, None] & (rk[None, :] < K), other=0.)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s = tl.where(valid[None, :], s, float('-inf'))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        v = tl.load(VC + (h * NC + safe[:, None]) * V + rv[None, :], mask=valid[:, None] & mv[None, :], other=0.)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PREC)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        valid = rn < n_cache
+        idx = tl.load(IDX + (h * NBS + j) * M + rn, mask=valid, other=0)
+        k = _load_rows(KO, KN, h, hk, idx, valid, NO, sk_t, sk_h, rk, mk, K)
+        v = _load_rows(VO, VN, h, h, idx, valid, NO, sv_t, sv_h, rv, mv, V)
+        m_i, l_i, acc = _attend(q, k, v, valid[None, :], m_i, l_i, acc, eps_l2, eps, K, PREC)
     if READ_BLOCK:
-        # the own block, causal: candidates cb .. OFF_NEW + row
-        last = OFF_NEW + qe  # one past the last visible candidate of the block
-        for t in range(0, BQ + BQ, BN):  # the own block spans at most BQ existing + BQ new candidates
+        # the own block, causal: candidates cb .. NO + row
+        cb = tl.load(CB + j)
+        last = NO + qe  # one past the last visible candidate of the block
+        for t in range(0, last - cb, BN):
             rn = cb + t + tl.arange(0, BN)
             inb = rn < last
-            k = tl.load(KC + (h * NC + rn[:, None]) * K + rk[None, :], mask=inb[:, None] & (rk[None, :] < K),
-                        other=0.)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            vis = inb[None, :] & (rn[None, :] <= (OFF_NEW + rq)[:, None])
-            s = tl.where(vis, s, float('-inf'))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            v = tl.load(VC + (h * NC + rn[:, None]) * V + rv[None, :], mask=inb[:, None] & mv[None, :], other=0.)
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PREC)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            k = _load_rows(KO, KN, h, hk, rn, inb, NO, sk_t, sk_h, rk, mk, K)
+            v = _load_rows(VO, VN, h, h, rn, inb, NO, sv_t, sv_h, rv, mv, V)
+            vis = inb[None, :] & (rn[None, :] <= (NO + rq)[:, None])
+            m_i, l_i, acc = _attend(q, k, v, vis, m_i, l_i, acc, eps_l2, eps, K, PREC)
     w0 = tl.exp(sink - m_i) / l_i
     read = acc / l_i[:, None] * scale
     ost = tl.load(OST + (rq[:, None] * HV + h) * V + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.).to(tl.float32)
@@ -96,83 +120,152 @@ def _prefill_read_kernel(Q, KC, VC, IDX, QS, QE, CB, OST, OUT, SINK, GATE,
     tl.store(OUT + (rq[:, None] * HV + h) * V + rv[None, :], o, mask=mq[:, None] & mv[None, :])
 
 
-def _empty(*shape, device) -> torch.Tensor:
+def _empty(*shape, device, dtype=torch.float32) -> torch.Tensor:
     """Output buffer; NaN-filled when HOLA_POISON=1 (tests: an element the kernel misses stays NaN)."""
     if os.environ.get('HOLA_POISON') == '1':
-        return torch.full(shape, float('nan'), dtype=torch.float32, device=device)
-    return torch.empty(*shape, dtype=torch.float32, device=device)
+        return torch.full(shape, float('nan'), dtype=dtype, device=device)
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def prefill_read(q_t: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, q_start: torch.Tensor,
-                 q_end: torch.Tensor, cand_start: torch.Tensor, off_new: int, o_state: torch.Tensor,
-                 sink: torch.Tensor, gate: torch.Tensor, scale: float, shared: bool, block_size: int,
-                 read_block: bool = True) -> torch.Tensor:
-    """q_t [HV, L, K] float32 (gamma_q * rms(q) / sqrt(K)); k_t [HV, NC, K] float32 (gamma_k * rms(k));
-    v [HV, NC, V]; idx [HV, NB, M]; per query block j: rows [q_start, q_end), own-block candidates from
-    cand_start; new tokens start at candidate `off_new`. o_state [L, HV, V]. Returns [L, HV, V] float32."""
-    HV, L, K = q_t.shape
-    NC, V = v.shape[1], v.shape[2]
-    NB, M = idx.shape[1], idx.shape[2]
-    out = _empty(L, HV, V, device=q_t.device)
+def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                 idx: torch.Tensor, cnt: torch.Tensor, q_start: torch.Tensor, q_end: torch.Tensor,
+                 cand_start: torch.Tensor, o_state: torch.Tensor, gqk: torch.Tensor, sink: torch.Tensor,
+                 gate: torch.Tensor, scale: float, shared: bool, block_size: int, read_block: bool = True,
+                 eps: float = 1e-6, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw queries q [L, H, K] and new keys k_new [L, H, K] (before the L2 norm; value head h reads q/k head
+    h // (HV / H)), new values v_new [L, HV, V]; the earlier candidates (cache, then the partial block)
+    k_old [HV, NO, K] (unit-L2), v_old [HV, NO, V]; candidate i >= NO is new token i - NO. idx [HV, NBS, M]
+    and cnt [HV, NBS] from select_caches (the first NB = len(q_start) rows are read). Query block j: rows
+    [q_start, q_end), own-block candidates from cand_start. gqk [HV, K] = gamma_q * gamma_k.
+    o_state [L, HV, V]; `out` (default: a new float32 tensor; may be o_state itself) gets the output."""
+    L, H, K = q.shape
+    HV, NO = k_old.shape[0], k_old.shape[1]
+    V = v_new.shape[-1]
+    NB, M = len(q_start), idx.shape[2]
+    assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1 and o_state.is_contiguous()
+    out = _empty(L, HV, V, device=q.device) if out is None else out
     BQ, BK = _pow2(block_size), _pow2(K)
+    prec = 'ieee' if v_new.dtype == torch.float32 else 'tf32'
+    # Triton 3.9's interpreter computes bf16 dots wrongly (numpy has no bf16): float32 dots there
+    lowp = v_new.dtype != torch.float32 and not INTERPRET
     extra = {} if not INTERPRET else {'BN': 32, 'BV': _pow2(min(V, 64))}
     grid = lambda meta: (NB, HV, triton.cdiv(V, meta['BV']))  # noqa: E731
-    _prefill_read_kernel[grid](q_t.contiguous(), k_t.contiguous(), v.contiguous(), idx.to(torch.int32).contiguous(),
+    _prefill_read_kernel[grid](q, k_old.contiguous(), v_old.contiguous(), k_new, v_new, idx, cnt,
                                q_start.to(torch.int32), q_end.to(torch.int32), cand_start.to(torch.int32),
-                               o_state.contiguous(), out, sink.float().contiguous(), gate.float().contiguous(),
-                               L, NC, NB, M, off_new, scale, K=K, V=V, BQ=BQ, BK=BK, SHARED=shared,
-                               READ_BLOCK=read_block, PREC='ieee' if v.dtype == torch.float32 else 'tf32', **extra)
+                               o_state, out, gqk.float().contiguous(), sink.float().contiguous(),
+                               gate.float().contiguous(), NO, idx.shape[1], M, q.stride(0), q.stride(1),
+                               k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), 1e-6, eps, scale,
+                               G=HV // H, K=K, V=V, BQ=BQ, BK=BK, SHARED=shared, READ_BLOCK=read_block, PREC=prec, LOWP=lowp,
+                               **extra)
     return out
 
 
-_DCONFIGS = [triton.Config({'BN': bn, 'BV': bv}, num_warps=w) for bn in (32, 64, 128) for bv in (64, 128) for w in (2, 4)]
+_DCONFIGS = [triton.Config({'BN': bn}, num_warps=w) for bn in (16, 32, 64) for w in (4, 8)]
 
 
-@_autotune(_DCONFIGS, key=['K', 'V', 'M', 'C'])
 @triton.jit
-def _decode_read_kernel(Q, CK, CV, CP, BKT, BVL, FILL, OST, OUT, QG, KG, SINK, GATE, eps, scale,
-                        K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                        BN: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr):
-    n, h, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _beats(sa, pa, sb, pb, SURPRISE: tl.constexpr):
+    """Priority a > b: (score desc, position asc), or position desc for recency."""
+    if SURPRISE:
+        return (sa > sb) | ((sa == sb) & (pa < pb))
+    return pa > pb
+
+
+@_autotune(_DCONFIGS, key=['K', 'V', 'M', 'C', 'G'])
+@triton.jit
+def _decode_kernel(Q, KR, VR, SC, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CS, CP, BKT, BVL, BS, RANK, OST,
+                   OUT, GQK, SINK, GATE, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, ss_h, ss_v, ss_k, eps_l2, eps, scale,
+                   G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, SHARED: tl.constexpr,
+                   READ_BLOCK: tl.constexpr, SURPRISE: tl.constexpr, SCORE: tl.constexpr, NEG: tl.constexpr):
+    """One program per (sequence, value head): (the write score from the previous state,) write the token into
+    the block buffer, read [sink, cache, block so far, the token], combine with the state output, and merge
+    the block into the cache when it ends.
+
+    SCORE 0: the score is given (SC [N, HV]). 1: GDN, m = sigmoid(b) (x2 with NEG) * ||v - alpha S^T k||,
+    alpha = exp(-exp(A_log) softplus(a + dt_bias)), S the previous state (strided, value/key strides given).
+    2: DeltaNet, m = beta * ||v - S^T k|| with beta given (BETA)."""
+    n, h = tl.program_id(0), tl.program_id(1)
     HV = tl.num_programs(1)
+    nh = n * HV + h
+    hk = h // G
     rk = tl.arange(0, BK)
     mk = rk < K
-    rv = iv * BV + tl.arange(0, BV)
+    rv = tl.arange(0, BV)
     mv = rv < V
-    nh = n * HV + h
-    q = tl.load(Q + nh * K + rk, mask=mk, other=0.).to(tl.float32)
-    q = q * tl.rsqrt(tl.sum(q * q, 0) / K + eps) * tl.load(QG + h * K + rk, mask=mk, other=0.).to(tl.float32)
-    q = q / tl.sqrt(K * 1.0)
-    kg = tl.load(KG + h * K + rk, mask=mk, other=0.).to(tl.float32)
+    seen = tl.load(SEEN + n)
+    fill = (seen % C).to(tl.int32)
+    q = tl.load(Q + n * sq_n + hk * sq_h + rk, mask=mk, other=0.).to(tl.float32)
+    gqk = tl.load(GQK + h * K + rk, mask=mk, other=0.)
+    q = q * _unit_rms(tl.sum(q * q, 0), eps_l2, eps, K) / tl.sqrt(K * 1.0) * gqk
+    k = tl.load(KR + n * sk_n + hk * sk_h + rk, mask=mk, other=0.).to(tl.float32)
+    k2 = tl.sum(k * k, 0)
+    v = tl.load(VR + n * sv_n + h * sv_h + rv, mask=mv, other=0.).to(tl.float32)
+    # the token joins its block (the key unit-L2, as the state path uses it)
+    tl.store(BKT + (nh * C + fill) * K + rk, k * tl.rsqrt(k2 + eps_l2), mask=mk)
+    tl.store(BVL + (nh * C + fill) * V + rv, v, mask=mv)
+    if SCORE == 0:
+        score = tl.load(SC + nh)
+    else:
+        ku = k * tl.rsqrt(k2 + eps_l2)
+        if SCORE == 1:
+            x = tl.load(A_RAW + nh).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
+            softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+            alpha = tl.exp(-tl.exp(tl.load(A_LOG + h).to(tl.float32)) * softplus)
+            beta = tl.sigmoid(tl.load(BETA + nh).to(tl.float32))
+            if NEG:
+                beta = beta * 2.0
+        else:
+            alpha = 1.0
+            beta = tl.load(BETA + nh).to(tl.float32)
+        e2 = 0.0
+        for tv in range(0, V, 64):  # e = v - alpha S^T k, 64 value rows at a time
+            rt = tv + tl.arange(0, 64)
+            mt = rt < V
+            s_t = tl.load(ST + n * ss_n + h * ss_h + rt[:, None] * ss_v + rk[None, :] * ss_k,
+                          mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32)
+            e = tl.load(VR + n * sv_n + h * sv_h + rt, mask=mt, other=0.).to(tl.float32) - alpha * tl.sum(s_t * ku[None, :], 1)
+            e2 += tl.sum(tl.where(mt, e * e, 0.), 0)
+        score = beta * tl.sqrt(e2)
+    tl.store(BS + nh * C + fill, score)
     sink = tl.load(SINK + h).to(tl.float32)
-    fill = tl.load(FILL + n)  # entries of the block buffer visible to this query (the query included)
     m_i = sink
     l_i = sink * 0.0 + 1.0
     acc = tl.zeros([BV], dtype=tl.float32)
-    for t in range(0, M + C, BN):
+    if READ_BLOCK:
+        nfill = fill
+    else:
+        nfill = fill * 0
+    for t in range(0, M + nfill, BN):  # cache entries [0, M), then the block's earlier entries [M, M + fill)
         rn = t + tl.arange(0, BN)
         in_cache = rn < M
         rb = rn - M
-        in_block = (rn >= M) & (rb < fill)
+        in_block = (rn >= M) & (rb < nfill)
         valid_c = in_cache & (tl.load(CP + nh * M + rn, mask=in_cache, other=-1) >= 0)
-        kc = tl.load(CK + (nh * M + rn[:, None]) * K + rk[None, :], mask=valid_c[:, None] & mk[None, :], other=0.)
-        kb = tl.load(BKT + (nh * C + rb[:, None]) * K + rk[None, :], mask=in_block[:, None] & mk[None, :], other=0.)
-        k = (kc + kb).to(tl.float32)
-        k = k * tl.rsqrt(tl.sum(k * k, 1) / K + eps)[:, None] * kg[None, :]
-        s = tl.sum(k * q[None, :], 1)
-        valid = valid_c | in_block
-        s = tl.where(valid, s, float('-inf'))
+        kk = tl.load(CK + (nh * M + rn[:, None]) * K + rk[None, :], mask=valid_c[:, None] & mk[None, :], other=0.)
+        kk += tl.load(BKT + (nh * C + rb[:, None]) * K + rk[None, :], mask=in_block[:, None] & mk[None, :], other=0.)
+        kk = kk.to(tl.float32)
+        s = tl.sum(kk * q[None, :], 1) * _unit_rms(tl.sum(kk * kk, 1), eps_l2, eps, K)
+        s = tl.where(valid_c | in_block, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new)
-        vc = tl.load(CV + (nh * M + rn[:, None]) * V + rv[None, :], mask=valid_c[:, None] & mv[None, :], other=0.)
-        vb = tl.load(BVL + (nh * C + rb[:, None]) * V + rv[None, :], mask=in_block[:, None] & mv[None, :], other=0.)
-        acc = acc * alpha + tl.sum(p[:, None] * (vc + vb).to(tl.float32), 0)
+        vv = tl.load(CV + (nh * M + rn[:, None]) * V + rv[None, :], mask=valid_c[:, None] & mv[None, :], other=0.)
+        vv += tl.load(BVL + (nh * C + rb[:, None]) * V + rv[None, :], mask=in_block[:, None] & mv[None, :], other=0.)
+        acc = acc * alpha + tl.sum(p[:, None] * vv.to(tl.float32), 0)
         l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+    if READ_BLOCK:  # the token itself
+        s = tl.sum(k * q, 0) * _unit_rms(k2, eps_l2, eps, K)
+        m_new = tl.maximum(m_i, s)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        acc = acc * alpha + p * v
+        l_i = l_i * alpha + p
         m_i = m_new
     w0 = tl.exp(sink - m_i) / l_i
     read = acc / l_i * scale
@@ -182,22 +275,95 @@ def _decode_read_kernel(Q, CK, CV, CP, BKT, BVL, FILL, OST, OUT, QG, KG, SINK, G
     else:
         o = ost + tl.sigmoid(tl.load(GATE + h).to(tl.float32)) * read
     tl.store(OUT + nh * V + rv, o, mask=mv)
+    if M > 0:
+        if fill == C - 1:
+            # the block ends: new cache = top-M of [cache, block] by priority. The cache is kept in priority
+            # order, so entry i moves to slot i + (block entries beating it) >= i: move tiles from the last.
+            tl.debug_barrier()  # the token's writes above are visible to every thread
+            start = seen + 1 - C
+            rc = tl.arange(0, BC)
+            bs = tl.load(BS + nh * C + rc, mask=rc < C, other=float('-inf'))
+            bp = tl.where(rc < C, start + rc, -1)
+            # each block entry's new slot: the cache entries and block entries beating it (before anything moves)
+            rank = tl.sum((_beats(bs[None, :], bp[None, :], bs[:, None], bp[:, None], SURPRISE)
+                           & (rc < C)[None, :]).to(tl.int32), 1)
+            for t in range(0, M, 16):
+                r = t + tl.arange(0, 16)
+                mr = r < M
+                cs = tl.load(CS + nh * M + r, mask=mr, other=float('-inf'))
+                cp = tl.load(CP + nh * M + r, mask=mr, other=-1)
+                rank += tl.sum((_beats(cs[:, None], cp[:, None], bs[None, :], bp[None, :], SURPRISE)
+                                & mr[:, None]).to(tl.int32), 0)
+            tl.store(RANK + nh * C + rc, rank, mask=rc < C)
+            tl.debug_barrier()
+            NT: tl.constexpr = (M + 15) // 16
+            for i in range(0, NT):
+                r = (NT - 1 - i) * 16 + tl.arange(0, 16)
+                mr = r < M
+                cs = tl.load(CS + nh * M + r, mask=mr, other=float('-inf'))
+                cp = tl.load(CP + nh * M + r, mask=mr, other=-1)
+                ck = tl.load(CK + (nh * M + r[:, None]) * K + rk[None, :], mask=mr[:, None] & mk[None, :], other=0.)
+                cv = tl.load(CV + (nh * M + r[:, None]) * V + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.)
+                beaten = _beats(bs[None, :], bp[None, :], cs[:, None], cp[:, None], SURPRISE) & (rc < C)[None, :]
+                dst = r + tl.sum(beaten.to(tl.int32), 1)
+                keep = mr & (dst < M)
+                tl.debug_barrier()  # every thread has loaded this tile before any slot of it is overwritten
+                tl.store(CS + nh * M + dst, cs, mask=keep)
+                tl.store(CP + nh * M + dst, cp, mask=keep)
+                tl.store(CK + (nh * M + dst[:, None]) * K + rk[None, :], ck, mask=keep[:, None] & mk[None, :])
+                tl.store(CV + (nh * M + dst[:, None]) * V + rv[None, :], cv, mask=keep[:, None] & mv[None, :])
+            for jb in range(0, BC, 16):
+                rj = jb + tl.arange(0, 16)
+                mj = rj < C
+                sj = tl.load(BS + nh * C + rj, mask=mj, other=float('-inf'))
+                pj = start + rj
+                dst = tl.load(RANK + nh * C + rj, mask=mj, other=M)
+                keep = mj & (dst < M)
+                bk = tl.load(BKT + (nh * C + rj[:, None]) * K + rk[None, :], mask=mj[:, None] & mk[None, :], other=0.)
+                bv = tl.load(BVL + (nh * C + rj[:, None]) * V + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.)
+                tl.debug_barrier()
+                tl.store(CS + nh * M + dst, sj, mask=keep)
+                tl.store(CP + nh * M + dst, pj.to(tl.int64), mask=keep)
+                tl.store(CK + (nh * M + dst[:, None]) * K + rk[None, :], bk, mask=keep[:, None] & mk[None, :])
+                tl.store(CV + (nh * M + dst[:, None]) * V + rv[None, :], bv, mask=keep[:, None] & mv[None, :])
+            tl.debug_barrier()
+            tl.store(BS + nh * C + rc, tl.full([BC], float('-inf'), tl.float32), mask=rc < C)
 
 
-def decode_read(q: torch.Tensor, mem: dict, fill: torch.Tensor, o_state: torch.Tensor, params: dict,
-                eps: float, scale: float, shared: bool, read_block: bool) -> torch.Tensor:
-    """q [N, HV, K] unit-L2 queries (one per sequence); mem: the memory state with the current token already
-    in its block buffer; fill [N] visible block entries. o_state [N, HV, V]. Returns [N, HV, V] float32."""
-    N, HV, K = q.shape
-    V = o_state.shape[-1]
+def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, o_state: torch.Tensor, params: dict,
+                eps: float, scale: float, shared: bool, read_block: bool, eviction: str,
+                score: torch.Tensor | None = None, state: dict | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """One token for every sequence, in one launch: raw q, k [N, H, K] (before the L2 norm), v [N, HV, V];
+    o_state [N, HV, V]. Either `score` [N, HV] is given, or `state` holds what computes it: kind ('gdn' or
+    'deltanet'), S (the state before this token, fla's layout), beta ([N, HV]; GDN: raw, before the sigmoid),
+    and for GDN a, A_log, dt_bias, allow_neg_eigval. Writes the token into the block buffer, reads, combines,
+    and merges a block that ends into the cache (the caller then advances mem['seen']). Returns [N, HV, V]."""
+    N, H, K = q.shape
+    HV, V = v.shape[1], v.shape[2]
     M, C = mem['cache_k'].shape[2], mem['block_k'].shape[2]
-    out = _empty(N, HV, V, device=q.device)
-    fill = (fill if read_block else torch.zeros_like(fill)).to(torch.int32).contiguous()
-    extra = {} if not INTERPRET else {'BN': 32, 'BV': _pow2(min(V, 64))}
-    grid = lambda meta: (N, HV, triton.cdiv(V, meta['BV']))  # noqa: E731
-    _decode_read_kernel[grid](q.contiguous(), mem['cache_k'], mem['cache_v'], mem['cache_pos'], mem['block_k'],
-                              mem['block_v'], fill, o_state.contiguous(), out, params['q_gamma'].contiguous(),
-                              params['k_gamma'].contiguous(), params['sink'].contiguous(),
-                              params['gate'].contiguous(), eps, scale, K=K, V=V, M=M, C=C, BK=_pow2(K), SHARED=shared,
-                              **extra)
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and o_state.is_contiguous()
+    out = _empty(N, HV, V, device=q.device) if out is None else out
+    gqk = (params['q_gamma'].float() * params['k_gamma'].float()).contiguous()
+    if state is None:
+        mode, S, beta, a, a_log, dt_bias, neg = 0, score.float().contiguous(), score, score, score, score, False
+        s_strides = (0, 0, 0, 0)
+    else:
+        gdn = state['kind'] == 'gdn'
+        mode, S, beta = (1 if gdn else 2), state['S'], state['beta'].reshape(N, HV)
+        if S is None:  # no earlier token: the state is zero
+            S = torch.zeros(N, HV, V, K, device=q.device) if gdn else torch.zeros(N, HV, K, V, device=q.device)
+        s_strides = (S.stride(0), S.stride(1), S.stride(2), S.stride(3)) if gdn else \
+            (S.stride(0), S.stride(1), S.stride(3), S.stride(2))
+        a, a_log, dt_bias = ((state['a'].reshape(N, HV), state['A_log'], state['dt_bias']) if gdn else (beta,) * 3)
+        neg, score = gdn and state['allow_neg_eigval'], beta
+    extra = {} if not INTERPRET else {'BN': 16}
+    _decode_kernel[(N, HV)](q, k, v, score, S, beta, a, a_log, dt_bias, mem['seen'], mem['cache_k'], mem['cache_v'],
+                            mem['cache_score'], mem['cache_pos'], mem['block_k'], mem['block_v'], mem['block_score'],
+                            torch.empty(N, HV, C, dtype=torch.int32, device=q.device), o_state, out, gqk,
+                            params['sink'].float().contiguous(), params['gate'].float().contiguous(),
+                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *s_strides,
+                            1e-6, eps, scale, G=HV // H, K=K, V=V, M=M, C=C, BK=_pow2(K), BV=_pow2(V), BC=_pow2(C),
+                            SHARED=shared, READ_BLOCK=read_block, SURPRISE=eviction == 'surprise', SCORE=mode, NEG=neg,
+                            **extra)
     return out
