@@ -107,7 +107,8 @@ class HolaMixin:
                                    offset=q_len)
 
         mem = last_state.get(MEMORY_KEY) if last_state is not None else None
-        if mem is None:
+        fresh = mem is None
+        if fresh:
             mem = empty_memory(len(seqs), HV, self.head_k_dim, V, self.hola, v.dtype, v.device)
         elif mem['seen'].shape[0] != len(seqs):
             raise ValueError(f"the cache holds memory for {mem['seen'].shape[0]} sequences, this call has "
@@ -126,7 +127,7 @@ class HolaMixin:
             else:
                 for n, (b, s, e) in enumerate(seqs):
                     memory_prefill_fused(mem, n, q[b, s:e], k[b, s:e], v[b, s:e], score[b, s:e], o[b, s:e], params,
-                                         self.hola, scale, out=o[b, s:e])
+                                         self.hola, scale, out=o[b, s:e], fresh=fresh)
         else:
             qn, kn = expand_heads(l2_normalize(q), HV), expand_heads(l2_normalize(k), HV)
             o = torch.empty_like(o_state)

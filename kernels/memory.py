@@ -33,16 +33,17 @@ def unit_keys(k: torch.Tensor, rows: torch.Tensor, hv: int) -> torch.Tensor:
 
 
 def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dict, cfg, scale: float,
-                         out: torch.Tensor | None = None):
+                         out: torch.Tensor | None = None, fresh: bool = False):
     """As reference.memory_forward for L tokens of sequence n, except that q, k are raw [L, H, K] (before the
     L2 norm, not expanded to the value heads): the kernels normalise them. Writes the output into `out`
-    (default: a new float32 tensor; o_state itself may be passed) and returns it."""
+    (default: a new float32 tensor; o_state itself may be passed) and returns it. `fresh=True` says the
+    memory is empty (a prompt's first call): nothing is read back from the device before the launches."""
     from .read import prefill_read
     C, M = cfg.block_size, cfg.cache_size
     L, HV, _ = v.shape
     dev = v.device
     dtype = mem['block_k'].dtype
-    seen0 = int(mem['seen'][n])
+    seen0 = 0 if fresh else int(mem['seen'][n])  # int(): a host sync, only when continuing a sequence
     seen1 = seen0 + L
     (b0, fill0), (b1, fill1) = divmod(seen0, C), divmod(seen1, C)
     NO = M + fill0  # earlier candidates: the cache, then the partial block; new token i is candidate NO + i
@@ -56,10 +57,13 @@ def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dic
     q_start = (qb * C - seen0).clamp_min(0)
     q_end = ((qb + 1) * C - seen0).clamp_max(L)
     cand_start = torch.where(qb == b0, torch.full_like(qb, M), NO + q_start)
-    idx, cnt = select_caches(cand_s, cand_p, blocks, M, C, cfg.eviction)
+    # candidates in position order: the cache sorted by position (empty slots last), then block and new tokens
+    by_pos = torch.cat([torch.argsort(torch.where(mem['cache_pos'][n] >= 0, mem['cache_pos'][n], 2**62), dim=-1),
+                        torch.arange(M, cand_s.shape[1], device=dev).expand(HV, -1)], 1)
+    idx, cnt = select_caches(cand_s, cand_p, blocks, M, C, cfg.eviction, by_pos=by_pos)
     out = prefill_read(q, k_old, v_old, k, v, idx, cnt, q_start, q_end, cand_start, o_state,
                        params['q_gamma'].float() * params['k_gamma'].float(), params['sink'], params['gate'], scale,
-                       cfg.read_rule == 'shared', C, cfg.read_block, cfg.norm_eps, out)
+                       cfg.read_rule == 'shared', C, cfg.read_block, cfg.norm_eps, out, has_old=not fresh)
     # the memory state after these tokens: cache of the last completed block boundary, trailing partial block
     if b1 > b0:
         if M:

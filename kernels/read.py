@@ -27,7 +27,7 @@ def _autotune(configs, key):
 
 
 _CONFIGS = [triton.Config({'BN': bn, 'BV': bv}, num_warps=w, num_stages=s)
-            for bn in (32, 64) for bv in (128, 256) for w in (4, 8) for s in (1, 2)]
+            for bn in (32, 64) for bv in (128, 256, 512) for w in (4, 8) for s in (2, 3)]
 
 
 @triton.jit
@@ -38,20 +38,27 @@ def _unit_rms(s2, eps_l2, eps, K: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(OLD, NEW, h, hn, rows, valid, NO, s_t, s_h, cols, mcol, D: tl.constexpr):
-    """Rows of candidates as float32: index < NO from OLD [HV, NO, D], else row index - NO of NEW (strided)."""
-    old = rows < NO
-    a = tl.load(OLD + (h * NO + rows[:, None]) * D + cols[None, :], mask=(valid & old)[:, None] & mcol[None, :],
-                other=0.)
-    b = tl.load(NEW + (rows - NO)[:, None] * s_t + hn * s_h + cols[None, :],
-                mask=(valid & (rows >= NO))[:, None] & mcol[None, :], other=0.)
-    return a.to(tl.float32) + b.to(tl.float32)
+def _load_rows(OLD, NEW, h, hn, rows, valid, NO, s_t, s_h, cols, mcol, D: tl.constexpr, HAS_OLD: tl.constexpr):
+    """Candidate rows: index < NO from OLD [HV, NO, D], else row index - NO of NEW (strided).
+    cols=None loads one number per candidate (OLD [HV, NO], NEW [L, s_t] with head offset hn * s_h)."""
+    new = valid & (rows >= NO)
+    if D == 1:
+        x = tl.load(NEW + (rows - NO) * s_t + hn * s_h, mask=new, other=0.)
+        if HAS_OLD:
+            x += tl.load(OLD + h * NO + rows, mask=valid & (rows < NO), other=0.).to(x.dtype)
+    else:
+        x = tl.load(NEW + (rows - NO)[:, None] * s_t + hn * s_h + cols[None, :], mask=new[:, None] & mcol[None, :],
+                    other=0.)
+        if HAS_OLD:
+            x += tl.load(OLD + (h * NO + rows[:, None]) * D + cols[None, :],
+                         mask=(valid & (rows < NO))[:, None] & mcol[None, :], other=0.).to(x.dtype)
+    return x
 
 
 @triton.jit
-def _attend(q, k, v, mask, m_i, l_i, acc, eps_l2, eps, K: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step of queries q [BQ, BK] over raw keys k [BN, BK] (normalised here) and values."""
-    kf = _unit_rms(tl.sum(k * k, 1), eps_l2, eps, K)
+def _attend(q, k, kf, v, mask, m_i, l_i, acc, PREC: tl.constexpr):
+    """One online-softmax step of queries q [BQ, BK] over keys k [BN, BK] (times their norm factor kf [BN])
+    and values v [BN, BV]."""
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * kf[None, :]
     s = tl.where(mask, s, float('-inf'))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -61,13 +68,13 @@ def _attend(q, k, v, mask, m_i, l_i, acc, eps_l2, eps, K: tl.constexpr, PREC: tl
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@_autotune(_CONFIGS, key=['K', 'V', 'BQ', 'BK', 'G'])
+@_autotune(_CONFIGS, key=['K', 'V', 'BQ', 'BK', 'G', 'HAS_OLD'])
 @triton.jit
-def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, QS, QE, CB, OST, OUT, GQK, SINK, GATE,
-                         NO, NBS, M, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, eps_l2, eps, scale,
+def _prefill_read_kernel(Q, KO, VO, FO, KN, VN, FN, IDX, CNT, QS, QE, CB, OST, OUT, GQK, SINK, GATE,
+                         NO, NBS, M, H, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, eps_l2, eps, scale,
                          G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                          BN: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr, READ_BLOCK: tl.constexpr,
-                         PREC: tl.constexpr, LOWP: tl.constexpr):
+                         PREC: tl.constexpr, LOWP: tl.constexpr, HAS_OLD: tl.constexpr):
     j, h, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HV = tl.num_programs(1)
     hk = h // G  # the q/k head of this value head
@@ -79,7 +86,7 @@ def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, QS, QE, CB, OST, OUT, GQK,
     mk = rk < K
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < V
-    # queries: l2 norm, RMSNorm, gamma_q * gamma_k and 1/sqrt(K) folded in
+    # queries: l2 norm, RMSNorm, gamma_q * gamma_k and 1/sqrt(K) folded in; keys: raw, times their factor
     q = tl.load(Q + rq[:, None] * sq_t + hk * sq_h + rk[None, :], mask=mq[:, None] & mk[None, :], other=0.)
     q = q.to(tl.float32)
     gqk = tl.load(GQK + h * K + rk, mask=mk, other=0.)
@@ -96,9 +103,10 @@ def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, QS, QE, CB, OST, OUT, GQK,
         rn = t + tl.arange(0, BN)
         valid = rn < n_cache
         idx = tl.load(IDX + (h * NBS + j) * M + rn, mask=valid, other=0)
-        k = _load_rows(KO, KN, h, hk, idx, valid, NO, sk_t, sk_h, rk, mk, K)
-        v = _load_rows(VO, VN, h, h, idx, valid, NO, sv_t, sv_h, rv, mv, V)
-        m_i, l_i, acc = _attend(q, k, v, valid[None, :], m_i, l_i, acc, eps_l2, eps, K, PREC)
+        k = _load_rows(KO, KN, h, hk, idx, valid, NO, sk_t, sk_h, rk, mk, K, HAS_OLD)
+        kf = _load_rows(FO, FN, h, hk, idx, valid, NO, H, 1, None, None, 1, HAS_OLD)
+        v = _load_rows(VO, VN, h, h, idx, valid, NO, sv_t, sv_h, rv, mv, V, HAS_OLD)
+        m_i, l_i, acc = _attend(q, k, kf, v, valid[None, :], m_i, l_i, acc, PREC)
     if READ_BLOCK:
         # the own block, causal: candidates cb .. NO + row
         cb = tl.load(CB + j)
@@ -106,18 +114,27 @@ def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, QS, QE, CB, OST, OUT, GQK,
         for t in range(0, last - cb, BN):
             rn = cb + t + tl.arange(0, BN)
             inb = rn < last
-            k = _load_rows(KO, KN, h, hk, rn, inb, NO, sk_t, sk_h, rk, mk, K)
-            v = _load_rows(VO, VN, h, h, rn, inb, NO, sv_t, sv_h, rv, mv, V)
+            k = _load_rows(KO, KN, h, hk, rn, inb, NO, sk_t, sk_h, rk, mk, K, HAS_OLD)
+            kf = _load_rows(FO, FN, h, hk, rn, inb, NO, H, 1, None, None, 1, HAS_OLD)
+            v = _load_rows(VO, VN, h, h, rn, inb, NO, sv_t, sv_h, rv, mv, V, HAS_OLD)
             vis = inb[None, :] & (rn[None, :] <= (NO + rq)[:, None])
-            m_i, l_i, acc = _attend(q, k, v, vis, m_i, l_i, acc, eps_l2, eps, K, PREC)
+            m_i, l_i, acc = _attend(q, k, kf, v, vis, m_i, l_i, acc, PREC)
     w0 = tl.exp(sink - m_i) / l_i
     read = acc / l_i[:, None] * scale
-    ost = tl.load(OST + (rq[:, None] * HV + h) * V + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.).to(tl.float32)
+    io = (rq[:, None] * HV + h) * V + rv[None, :]
+    ost = tl.load(OST + io, mask=mq[:, None] & mv[None, :], other=0.).to(tl.float32)
     if SHARED:
         o = w0[:, None] * ost + read
     else:
         o = ost + tl.sigmoid(tl.load(GATE + h).to(tl.float32)) * read
-    tl.store(OUT + (rq[:, None] * HV + h) * V + rv[None, :], o, mask=mq[:, None] & mv[None, :])
+    tl.store(OUT + io, o, mask=mq[:, None] & mv[None, :])
+
+
+def key_factor(k: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per key, the factor f with rms(l2_normalize(k)) = f * k (float32, the last dimension reduced)."""
+    s2 = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).square()
+    r1 = torch.rsqrt(s2 + 1e-6)
+    return r1 * torch.rsqrt(s2 * r1 * r1 / k.shape[-1] + eps)
 
 
 def _empty(*shape, device, dtype=torch.float32) -> torch.Tensor:
@@ -135,13 +152,14 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
                  idx: torch.Tensor, cnt: torch.Tensor, q_start: torch.Tensor, q_end: torch.Tensor,
                  cand_start: torch.Tensor, o_state: torch.Tensor, gqk: torch.Tensor, sink: torch.Tensor,
                  gate: torch.Tensor, scale: float, shared: bool, block_size: int, read_block: bool = True,
-                 eps: float = 1e-6, out: torch.Tensor | None = None) -> torch.Tensor:
+                 eps: float = 1e-6, out: torch.Tensor | None = None, has_old: bool = True) -> torch.Tensor:
     """Raw queries q [L, H, K] and new keys k_new [L, H, K] (before the L2 norm; value head h reads q/k head
     h // (HV / H)), new values v_new [L, HV, V]; the earlier candidates (cache, then the partial block)
     k_old [HV, NO, K] (unit-L2), v_old [HV, NO, V]; candidate i >= NO is new token i - NO. idx [HV, NBS, M]
     and cnt [HV, NBS] from select_caches (the first NB = len(q_start) rows are read). Query block j: rows
     [q_start, q_end), own-block candidates from cand_start. gqk [HV, K] = gamma_q * gamma_k.
-    o_state [L, HV, V]; `out` (default: a new float32 tensor; may be o_state itself) gets the output."""
+    o_state [L, HV, V]; `out` (default: a new float32 tensor; may be o_state itself) gets the output.
+    has_old=False promises that no earlier candidate is read (a fresh memory): their loads are skipped."""
     L, H, K = q.shape
     HV, NO = k_old.shape[0], k_old.shape[1]
     V = v_new.shape[-1]
@@ -154,13 +172,13 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
     lowp = v_new.dtype != torch.float32 and not INTERPRET
     extra = {} if not INTERPRET else {'BN': 32, 'BV': _pow2(min(V, 64))}
     grid = lambda meta: (NB, HV, triton.cdiv(V, meta['BV']))  # noqa: E731
-    _prefill_read_kernel[grid](q, k_old.contiguous(), v_old.contiguous(), k_new, v_new, idx, cnt,
-                               q_start.to(torch.int32), q_end.to(torch.int32), cand_start.to(torch.int32),
-                               o_state, out, gqk.float().contiguous(), sink.float().contiguous(),
-                               gate.float().contiguous(), NO, idx.shape[1], M, q.stride(0), q.stride(1),
-                               k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), 1e-6, eps, scale,
-                               G=HV // H, K=K, V=V, BQ=BQ, BK=BK, SHARED=shared, READ_BLOCK=read_block, PREC=prec, LOWP=lowp,
-                               **extra)
+    _prefill_read_kernel[grid](q, k_old.contiguous(), v_old.contiguous(), key_factor(k_old, eps).contiguous(), k_new,
+                               v_new, key_factor(k_new, eps).contiguous(), idx, cnt, q_start.to(torch.int32),
+                               q_end.to(torch.int32), cand_start.to(torch.int32), o_state, out,
+                               gqk.float().contiguous(), sink.float().contiguous(), gate.float().contiguous(), NO,
+                               idx.shape[1], M, H, q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
+                               v_new.stride(0), v_new.stride(1), 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK,
+                               SHARED=shared, READ_BLOCK=read_block, PREC=prec, LOWP=lowp, HAS_OLD=has_old, **extra)
     return out
 
 

@@ -17,12 +17,14 @@ import triton.language as tl
 BIG = 2**30  # block index of an empty candidate: never eligible
 
 
-def priority_order(score: torch.Tensor, pos: torch.Tensor, eviction: str) -> torch.Tensor:
+def priority_order(score: torch.Tensor, pos: torch.Tensor, eviction: str,
+                   by_pos: torch.Tensor | None = None) -> torch.Tensor:
     """[HV, N] candidate indices sorted by (key desc, position asc); empty candidates (pos < 0) last.
 
-    One sort: candidates are put in position order first by sorting the positions (stable), then a
-    stable descending sort by the key keeps the earlier token first among ties."""
-    by_pos = torch.argsort(torch.where(pos >= 0, pos, torch.iinfo(torch.long).max), dim=-1, stable=True)
+    Candidates are put in position order first (`by_pos`, when the caller knows it), then a stable
+    descending sort by the key keeps the earlier token first among ties."""
+    if by_pos is None:
+        by_pos = torch.argsort(torch.where(pos >= 0, pos, torch.iinfo(torch.long).max), dim=-1, stable=True)
     if eviction == 'surprise':
         key = torch.where(pos >= 0, score.float(), float('-inf'))
     else:
@@ -49,15 +51,16 @@ def _select_kernel(BLK, ORD, BLOCKS, OUT, CNT, N, NB, M, BT: tl.constexpr):
 
 
 def select_caches(score: torch.Tensor, pos: torch.Tensor, blocks: torch.Tensor, M: int, C: int,
-                  eviction: str = 'surprise') -> tuple[torch.Tensor, torch.Tensor]:
+                  eviction: str = 'surprise', by_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """score, pos [HV, N]; blocks [B] block indices b. Returns idx [HV, B, M] (int32, -1 = empty): the
-    candidates in the cache read by queries of block b, in priority order, and their count [HV, B]."""
+    candidates in the cache read by queries of block b, in priority order, and their count [HV, B].
+    `by_pos` [HV, N]: the candidates in position order, if known (saves a sort)."""
     HV, N = score.shape
     out = torch.full((HV, len(blocks), M), -1, dtype=torch.int32, device=score.device)
     cnt = torch.zeros(HV, len(blocks), dtype=torch.int32, device=score.device)
     if M == 0 or N == 0 or len(blocks) == 0:
         return out, cnt
-    order = priority_order(score, pos, eviction)                  # [HV, N]
+    order = priority_order(score, pos, eviction, by_pos)                # [HV, N]
     blk = torch.where(pos >= 0, pos // C, BIG).gather(-1, order)
     _select_kernel[(len(blocks), HV)](blk.to(torch.int32).contiguous(), order.to(torch.int32).contiguous(),
                                       blocks.to(torch.int32).contiguous(), out, cnt, N, len(blocks), M, BT=512)

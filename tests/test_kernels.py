@@ -38,7 +38,7 @@ def test_select_equals_brute_force(eviction, M, C, N):
     pos = torch.arange(N).expand(HV, -1).clone()
     pos[1, 3] = -1  # an empty candidate
     blocks = torch.arange(0, N // C + 2)
-    idx, cnt = select_caches(score, pos, blocks, M, C, eviction)
+    idx, cnt = (t.cpu() for t in select_caches(score.to(DEV), pos.to(DEV), blocks.to(DEV), M, C, eviction))
     for h in range(HV):
         for j, b in enumerate(blocks.tolist()):
             prior = [i for i in range(N) if 0 <= pos[h, i] < b * C]
@@ -94,7 +94,8 @@ def test_prefill_kernel_equals_reference(shape, rule):
         sl = slice(i, i + n)
         a = memory_forward(mem_ref, 0, unit(q[sl], HV), unit(k[sl], HV), v[sl], score[sl], o_state[sl], params, cfg,
                            0.25)
-        out = memory_prefill_fused(mem_fus, 0, q[sl], k[sl], v[sl], score[sl], o_state[sl], params, cfg, 0.25)
+        out = memory_prefill_fused(mem_fus, 0, q[sl], k[sl], v[sl], score[sl], o_state[sl], params, cfg, 0.25,
+                                   fresh=i == 0)  # the first call skips the (empty) earlier candidates
         assert rel(out, a) < 1e-4, (shape, n)
         i += n
     for key in ('cache_k', 'cache_v', 'cache_score', 'cache_pos', 'seen'):
