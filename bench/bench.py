@@ -122,12 +122,23 @@ def read_kernel_roofline(T, M, dev, reps):
                                    params['gate'], 0.0625, True, C), reps)
     t_all = timed(lambda: memory_prefill_fused(empty_memory(1, HV, K, V, cfg, bf, torch.device(dev)), 0, q, k, v,
                                                score, ost, params, cfg, 0.0625, out=torch.empty_like(ost)), reps)
+    # the autotuned kernels against the reference on the first 4096 tokens, with an active memory (sink 2)
+    from hola_retrofit.adapters.fallbacks import l2_normalize
+    from hola_retrofit.adapters.reference import memory_forward
+    n = min(T, 4096)
+    act = dict(params, sink=torch.full((HV,), 2.0, device=dev), q_gamma=torch.full((HV, K), 1.5, device=dev),
+               k_gamma=torch.full((HV, K), 1.5, device=dev))
+    fused = memory_prefill_fused(empty_memory(1, HV, K, V, cfg, bf, torch.device(dev)), 0, q[:n], k[:n], v[:n],
+                                 score[:n], ost[:n], act, cfg, 0.0625, fresh=True)
+    ref = memory_forward(empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(dev)), 0, l2_normalize(q[:n]),
+                         l2_normalize(k[:n]), v[:n].float(), score[:n], ost[:n].float(), act, cfg, 0.0625)
+    rel_err = ((fused.float() - ref).norm() / ref.norm()).item()
     entries = M + (C + 1) / 2  # per query: the cache and, on average, half of its own block
     flops = 2 * HV * T * entries * (K + V)
     # fewest bytes: q, k, v, o_state and the output once (gathered cache rows are re-read from L2)
     bytes_ = 2 * T * HV * (2 * K + 3 * V)
     return dict(read_ms=t * 1e3, select_ms=t_sel * 1e3, memory_prefill_ms=t_all * 1e3, flops=flops / t,
-                bytes_per_s=bytes_ / t)
+                bytes_per_s=bytes_ / t, rel_err_vs_reference_4k=rel_err)
 
 
 @torch.no_grad()
@@ -204,10 +215,11 @@ def main():
     if dev == 'cuda' and not args.no_kernel_rows:
         bw, fl = ceilings(dev)
         emit(dict(ceiling_copy_GBps=bw / 1e9, ceiling_bf16_TFLOPs=fl / 1e12))
-        for M in (64, 512):
+        for M in (int(m) for m in args.cache.split(',')):
             k = read_kernel_roofline(32768, M, dev, args.reps)
             emit(dict(kernel='prefill_read', T=32768, M=M,
-                      **{x: k[x] for x in ('read_ms', 'select_ms', 'memory_prefill_ms')},
+                      **{x: k[x] for x in ('read_ms', 'select_ms', 'memory_prefill_ms',
+                                           'rel_err_vs_reference_4k')},
                       TFLOPs=k['flops'] / 1e12, GBps=k['bytes_per_s'] / 1e9,
                       frac_flops=k['flops'] / fl, frac_bw=k['bytes_per_s'] / bw))
     print('\n' + table(rows), flush=True)
