@@ -146,8 +146,33 @@ def profile(model, T, dev, vocab):
     """torch.profiler tables for one prefill of T tokens and 8 decode steps (where the time goes)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
+    import traceback
+    import warnings
     ids = torch.randint(3, vocab, (1, T), device=dev)
     model(ids, use_cache=True, logits_to_keep=1)  # warm
+    if dev == 'cuda':  # where the host waits for the device, and how long the host alone takes
+        torch.cuda.set_sync_debug_mode('warn')
+        seen = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter('always')
+            orig = warnings.showwarning
+            warnings.showwarning = lambda *a, **k: seen.setdefault(''.join(traceback.format_stack(limit=6)[:-1]), 0)
+            model(ids, use_cache=True, logits_to_keep=1)
+            warnings.showwarning = orig
+        torch.cuda.set_sync_debug_mode(0)
+        print(f'--- {len(seen)} distinct synchronizing call sites in one prefill', flush=True)
+        for s in list(seen)[:6]:
+            print(s, flush=True)
+        sync()
+        t0 = time.perf_counter()
+        model(ids, use_cache=True, logits_to_keep=1)
+        t1 = time.perf_counter()
+        sync()
+        from hola_retrofit.kernels import read
+        print('--- tuned:', {n: getattr(getattr(read, n), 'best_config', None)
+                             for n in ('_prefill_read_kernel', '_decode_kernel')}, flush=True)
+        print(f'--- prefill: host returns after {(t1 - t0) * 1e3:.1f} ms, device done after '
+              f'{(time.perf_counter() - t0) * 1e3:.1f} ms', flush=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == 'cuda' else [])
     sort = 'self_cuda_time_total' if dev == 'cuda' else 'self_cpu_time_total'
     with prof(activities=acts) as p:
