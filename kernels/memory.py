@@ -78,7 +78,7 @@ def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dic
                     'cache_score': cand_s.gather(1, sel.clamp_min(0)), 'cache_pos': cand_p.gather(1, sel.clamp_min(0))}
             store_cache(mem, n, kept, torch.where(ok, torch.arange(M, device=dev), -1))
         rows = torch.arange(L - fill1, L, device=dev).expand(HV, -1)
-        mem['block_score'][n] = float('-inf')
+        mem['block_score'][n].fill_(float('-inf'))
         mem['block_k'][n, :, :fill1] = unit_keys(k, rows, HV).to(dtype)
         mem['block_v'][n, :, :fill1] = v[L - fill1:].transpose(0, 1).to(dtype)
         mem['block_score'][n, :, :fill1] = score[L - fill1:].transpose(0, 1).float()
@@ -86,7 +86,7 @@ def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dic
         mem['block_k'][n, :, fill0:fill1] = unit_keys(k, torch.arange(L, device=dev).expand(HV, -1), HV).to(dtype)
         mem['block_v'][n, :, fill0:fill1] = v.transpose(0, 1).to(dtype)
         mem['block_score'][n, :, fill0:fill1] = score.transpose(0, 1).float()
-    mem['seen'][n] = seen1
+    mem['seen'][n].fill_(seen1)  # fill_: `t[n] = int` copies from the host and waits for the device
     return out
 
 
