@@ -21,7 +21,7 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     if results['task'] == 'ppl':
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for n in names:
-            ax.plot(lengths, [results['models'][n][L]['ppl'] for L in lengths], marker='o', label=n)
+            ax.plot(lengths, [results['models'][n][L]['ppl'] or float('nan') for L in lengths], marker='o', label=n)
         ax.set_xscale('log', base=2), ax.set_xlabel('context length (tokens)'), ax.set_ylabel('perplexity')
         ax.legend(), ax.set_title('perplexity by context length')
         f = out / 'ppl_vs_length.png'

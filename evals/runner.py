@@ -78,21 +78,25 @@ def evaluate_recall(model, tok, task: str, lengths: list[int], depths: list[floa
 @torch.no_grad()
 def evaluate_ppl(model, tok, lengths: list[int], text: str | None = None, max_windows: int = 8,
                  progress: bool = True, desc: str = 'ppl') -> dict:
-    """Perplexity of `text` cut into non-overlapping windows of each length (all tokens of a window scored)."""
+    """Perplexity of `text` cut into non-overlapping windows of each length (all tokens of a window scored).
+    A length the text cannot fill once is not measured: {'ppl': None, 'skipped': why} (a shorter window
+    would be reported under a length it does not have)."""
     ids = tok(text or default_text(), add_special_tokens=False).input_ids
+    if len(ids) < 2:
+        raise ValueError("the perplexity text is shorter than two tokens")
     dev = _device(model)
     out = {}
     for L in tqdm(lengths, desc=desc, disable=not progress):
-        if len(ids) < 2:
-            raise ValueError("the perplexity text is shorter than two tokens")
-        L_eff = min(L, len(ids))
+        if L > len(ids):
+            out[L] = {'ppl': None, 'skipped': f'the text has {len(ids)} tokens; pass a longer --text'}
+            continue
         nll, count = 0.0, 0
-        for w in range(min(max_windows, max(1, len(ids) // L_eff))):
-            window = torch.tensor([ids[w * L_eff:(w + 1) * L_eff]], device=dev)
+        for w in range(min(max_windows, len(ids) // L)):
+            window = torch.tensor([ids[w * L:(w + 1) * L]], device=dev)
             logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
             nll += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction='sum').item()
             count += window.shape[1] - 1
-        out[L] = {'ppl': math.exp(nll / count), 'tokens': count, 'window': L_eff}
+        out[L] = {'ppl': math.exp(nll / count), 'tokens': count, 'window': L}
     return out
 
 
@@ -123,9 +127,11 @@ def summary_table(results: dict) -> str:
         for n in names:
             r = results['models'][n]
             if results['task'] == 'ppl':
-                cells.append(f"{r[L]['ppl']:12.3f}")
+                cells.append(f"{r[L]['ppl']:12.3f}" if r[L]['ppl'] is not None else f"{'not run':>12}")
             else:
                 row = r['scores'][L]
                 cells.append(f"{sum(row.values()) / len(row):12.3f}")
         lines.append(f"{L:>8} | " + ' | '.join(cells))
-    return '\n'.join(lines)
+    skipped = {r[L]['skipped'] for r in results['models'].values() for L in results['lengths']
+               if isinstance(r.get(L), dict) and r[L].get('skipped')}
+    return '\n'.join(lines + [f'not run: {s}' for s in sorted(skipped)])

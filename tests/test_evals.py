@@ -107,3 +107,13 @@ def test_eval_cli_writes_table_json_and_plots(tmp_path):
         assert (out / f).read_bytes()[:4] == b'\x89PNG'
     bad = CliRunner().invoke(main, ['eval', str(tmp_path / 'h'), '--lengths', '2k,x'])
     assert bad.exit_code == 2 and 'lengths like' in bad.output
+
+
+def test_ppl_longer_than_the_text_is_not_run_rather_than_shortened():
+    from hola_retrofit.evals.runner import evaluate_ppl
+    text = 'the quick brown fox jumps over the lazy dog. ' * 3  # 135 byte tokens
+    r = evaluate_ppl(ConstantLM(), TOK, [64, 4096], text, progress=False)
+    assert r[64]['window'] == 64 and r[64]['tokens'] == 2 * 63 and r[64]['ppl'] > 1
+    assert r[4096]['ppl'] is None and '135 tokens' in r[4096]['skipped']
+    table = summary_table({'task': 'ppl', 'lengths': [64, 4096], 'models': {'base': r}})
+    assert 'not run' in table.splitlines()[-2] and 'longer --text' in table
