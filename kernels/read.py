@@ -1,11 +1,13 @@
-"""Fused Triton reads of the memory: RMSNorm-gamma logits, online softmax over [sink, cache, own block],
+"""Fused Triton kernels of the memory: RMSNorm-gamma logits, online softmax over [sink, cache, own block],
 and the combination with the state output, in one pass.
 
-`prefill_read`: every query block of a prompt against its cache (a gathered list of M candidates) and
-the causal part of its own block. `decode_read`: one query per sequence against the cache tensors and
-the block buffer of the memory state, normalising the stored keys in the kernel.
+`prefill_read`: every query block of a prompt against its cache (a gathered list of candidates from
+`select.py`) and the causal part of its own block, reading raw q/k/v (normalised in the kernel).
+`decode_step`: one token per sequence in one launch: the write score from the previous state, the write
+into the block buffer, the read, the combination and, at a block end, the merge into the cache.
 
-Both run compiled on CUDA (autotuned) and under TRITON_INTERPRET=1 on CPU tensors (no autotune).
+Both run compiled on CUDA (autotuned unless HOLA_AUTOTUNE=0) and under TRITON_INTERPRET=1 on CPU
+tensors (fixed tiles, float32 dots: the interpreter's bf16 dot is wrong in Triton 3.9).
 """
 
 from __future__ import annotations
@@ -139,11 +141,11 @@ def key_factor(k: torch.Tensor, eps: float) -> torch.Tensor:
     return r1 * torch.rsqrt(s2 * r1 * r1 / k.shape[-1] + eps)
 
 
-def _empty(*shape, device, dtype=torch.float32) -> torch.Tensor:
+def _empty(*shape, device) -> torch.Tensor:
     """Output buffer; NaN-filled when HOLA_POISON=1 (tests: an element the kernel misses stays NaN)."""
     if os.environ.get('HOLA_POISON') == '1':
-        return torch.full(shape, float('nan'), dtype=dtype, device=device)
-    return torch.empty(*shape, dtype=dtype, device=device)
+        return torch.full(shape, float('nan'), dtype=torch.float32, device=device)
+    return torch.empty(*shape, dtype=torch.float32, device=device)
 
 
 def _pow2(n: int, lo: int = 16) -> int:

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import VOCAB, hola_from_base, tiny_base
 
 from hola_retrofit.adapters import MemoryConfig
