@@ -68,24 +68,22 @@ def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dic
     if b1 > b0:
         if M:
             sel = idx[:, b1 - b0].long()                                  # [HV, M], -1 = empty
-            ok, old = sel >= 0, sel < NO
-            new = (sel - NO).clamp(0, L - 1)
-            at = sel.clamp(0, NO - 1)
-            kept = {'cache_k': torch.where(old[..., None], k_old.gather(1, at[..., None].expand(-1, -1, k_old.shape[-1])),
-                                           unit_keys(k, new, HV).to(dtype)),
-                    'cache_v': torch.where(old[..., None], v_old.gather(1, at[..., None].expand(-1, -1, v_old.shape[-1])),
-                                           v[new, torch.arange(HV, device=dev)[:, None]].to(dtype)),
+            old, at, new = sel < NO, sel.clamp(0, NO - 1), (sel - NO).clamp(0, L - 1)
+
+            def pick(earlier, tokens):  # [HV, M, D]: earlier candidates gathered at `at`, else new tokens
+                return torch.where(old[..., None], earlier.gather(1, at[..., None].expand(-1, -1, earlier.shape[-1])),
+                                   tokens)
+            kept = {'cache_k': pick(k_old, unit_keys(k, new, HV).to(dtype)),
+                    'cache_v': pick(v_old, v[new, torch.arange(HV, device=dev)[:, None]].to(dtype)),
                     'cache_score': cand_s.gather(1, sel.clamp_min(0)), 'cache_pos': cand_p.gather(1, sel.clamp_min(0))}
-            store_cache(mem, n, kept, torch.where(ok, torch.arange(M, device=dev), -1))
-        rows = torch.arange(L - fill1, L, device=dev).expand(HV, -1)
+            store_cache(mem, n, kept, torch.where(sel >= 0, torch.arange(M, device=dev), -1))
         mem['block_score'][n].fill_(float('-inf'))
-        mem['block_k'][n, :, :fill1] = unit_keys(k, rows, HV).to(dtype)
-        mem['block_v'][n, :, :fill1] = v[L - fill1:].transpose(0, 1).to(dtype)
-        mem['block_score'][n, :, :fill1] = score[L - fill1:].transpose(0, 1).float()
-    else:
-        mem['block_k'][n, :, fill0:fill1] = unit_keys(k, torch.arange(L, device=dev).expand(HV, -1), HV).to(dtype)
-        mem['block_v'][n, :, fill0:fill1] = v.transpose(0, 1).to(dtype)
-        mem['block_score'][n, :, fill0:fill1] = score.transpose(0, 1).float()
+    # the trailing partial block: buffer slots [start, fill1) take the last fill1 - start new tokens
+    start = 0 if b1 > b0 else fill0
+    first = L - (fill1 - start)
+    mem['block_k'][n, :, start:fill1] = unit_keys(k, torch.arange(first, L, device=dev).expand(HV, -1), HV).to(dtype)
+    mem['block_v'][n, :, start:fill1] = v[first:].transpose(0, 1).to(dtype)
+    mem['block_score'][n, :, start:fill1] = score[first:].transpose(0, 1).float()
     mem['seen'][n].fill_(seen1)  # fill_: `t[n] = int` copies from the host and waits for the device
     return out
 

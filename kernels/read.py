@@ -228,12 +228,12 @@ def _decode_kernel(Q, KR, VR, SC, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV,
     k2 = tl.sum(k * k, 0)
     v = tl.load(VR + n * sv_n + h * sv_h + rv, mask=mv, other=0.).to(tl.float32)
     # the token joins its block (the key unit-L2, as the state path uses it)
-    tl.store(BKT + (nh * C + fill) * K + rk, k * tl.rsqrt(k2 + eps_l2), mask=mk)
+    ku = k * tl.rsqrt(k2 + eps_l2)
+    tl.store(BKT + (nh * C + fill) * K + rk, ku, mask=mk)
     tl.store(BVL + (nh * C + fill) * V + rv, v, mask=mv)
     if SCORE == 0:
         score = tl.load(SC + nh)
     else:
-        ku = k * tl.rsqrt(k2 + eps_l2)
         if SCORE == 1:
             x = tl.load(A_RAW + nh).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
             softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
