@@ -49,7 +49,8 @@ class MemoryParams(nn.Module):
 
     def forward(self, x=None) -> dict[str, torch.Tensor]:
         w, k = self.weight, self.k
-        return {'q_gamma': w[:, :k], 'k_gamma': w[:, k:2 * k], 'sink': w[:, 2 * k], 'gate': w[:, 2 * k + 1]}
+        return {'q_gamma': w[:, :k], 'k_gamma': w[:, k:2 * k], 'sink': w[:, 2 * k], 'gate': w[:, 2 * k + 1],
+                'weight': w}
 
 
 class HolaMixin:
@@ -98,14 +99,6 @@ class HolaMixin:
         previous = last_state['recurrent_state'] if last_state is not None else None
         B, T, HV, V = v.shape
         seqs = spans(B, T, cu_seqlens)
-        fused = kernels_enabled(v)
-        fused_decode = fused and B * T == len(seqs)  # one token per sequence: the kernel computes the score
-        o_state, score, recurrent = state_forward(
-            self.kind, q, k, v, beta, a, getattr(self, 'A_log', None), getattr(self, 'dt_bias', None),
-            self.allow_neg_eigval, previous, cu_seqlens, with_score=not fused_decode)
-        state = update_layer_cache(self, past_key_values, recurrent_state=recurrent, conv_state=conv_state,
-                                   offset=q_len)
-
         mem = last_state.get(MEMORY_KEY) if last_state is not None else None
         fresh = mem is None
         if fresh:
@@ -115,25 +108,30 @@ class HolaMixin:
                              f"{len(seqs)}; pass a padding mask whose last column is all ones, or a new cache")
         params = self.mem(x)
         scale = self.head_k_dim ** -0.5
-        if fused:  # the kernels normalise raw q/k themselves and write into o_state in place
-            o = o_state
-            if fused_decode:  # one launch for the whole batch
-                N = len(seqs)
-                state_in = dict(kind=self.kind, S=previous, beta=beta, a=a, A_log=getattr(self, 'A_log', None),
-                                dt_bias=getattr(self, 'dt_bias', None), allow_neg_eigval=self.allow_neg_eigval)
-                memory_decode_fused(mem, q.reshape(N, *q.shape[2:]), k.reshape(N, *k.shape[2:]), v.reshape(N, HV, V),
-                                    None, o.reshape(N, HV, V), params, self.hola, scale, state=state_in,
-                                    out=o.reshape(N, HV, V))
-            else:
+        fused = kernels_enabled(v)
+        if fused and B * T == len(seqs):  # one token per sequence: one launch takes the state step and the memory
+            N = len(seqs)
+            step = dict(kind=self.kind, S=previous, beta=beta, a=a, A_log=getattr(self, 'A_log', None),
+                        dt_bias=getattr(self, 'dt_bias', None), allow_neg_eigval=self.allow_neg_eigval)
+            o = memory_decode_fused(mem, q.reshape(N, *q.shape[2:]), k.reshape(N, *k.shape[2:]), v.reshape(N, HV, V),
+                                    params, self.hola, scale, state=step).reshape(v.shape)
+            recurrent = step['S']
+        else:
+            o, score, recurrent = state_forward(
+                self.kind, q, k, v, beta, a, getattr(self, 'A_log', None), getattr(self, 'dt_bias', None),
+                self.allow_neg_eigval, previous, cu_seqlens)
+            if fused:  # the kernels normalise raw q/k themselves and write into the state output in place
                 for n, (b, s, e) in enumerate(seqs):
                     memory_prefill_fused(mem, n, q[b, s:e], k[b, s:e], v[b, s:e], score[b, s:e], o[b, s:e], params,
                                          self.hola, scale, out=o[b, s:e], fresh=fresh)
-        else:
-            qn, kn = expand_heads(l2_normalize(q), HV), expand_heads(l2_normalize(k), HV)
-            o = torch.empty_like(o_state)
-            for n, (b, s, e) in enumerate(seqs):
-                o[b, s:e] = memory_forward(mem, n, qn[b, s:e], kn[b, s:e], v[b, s:e], score[b, s:e], o_state[b, s:e],
-                                           params, self.hola, scale).to(o.dtype)
+            else:
+                o_state, o = o, torch.empty_like(o)
+                qn, kn = expand_heads(l2_normalize(q), HV), expand_heads(l2_normalize(k), HV)
+                for n, (b, s, e) in enumerate(seqs):
+                    o[b, s:e] = memory_forward(mem, n, qn[b, s:e], kn[b, s:e], v[b, s:e], score[b, s:e],
+                                               o_state[b, s:e], params, self.hola, scale).to(o.dtype)
+        state = update_layer_cache(self, past_key_values, recurrent_state=recurrent, conv_state=conv_state,
+                                   offset=q_len)
         if state is not None:
             state[MEMORY_KEY] = mem
 

@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.write import row_norm
 from .fallbacks import expand_heads, gdn_beta, gdn_decay, l2_normalize, spans
 from .reference import delta_rule_with_score
 
 
 def state_forward(kind: str, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval: bool,
-                  initial_state, cu_seqlens, with_score: bool = True):
+                  initial_state, cu_seqlens):
     """Returns o [B, T, HV, V] (scaled by d_k^-0.5, fla's output), score [B, T, HV] float32, final state.
 
     kind: 'gdn' or 'deltanet'. For DeltaNet, `beta_raw` is already beta (fla's layer applies the
-    sigmoid itself) and `a_raw`, `A_log`, `dt_bias` are None. With `with_score=False` a CUDA decode step
-    skips the score (None; the fused decode kernel computes it from the previous state)."""
+    sigmoid itself) and `a_raw`, `A_log`, `dt_bias` are None."""
     if q.is_cuda:
         return _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                                   initial_state, cu_seqlens, with_score)
+                                   initial_state, cu_seqlens)
     return _state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
                                     initial_state, cu_seqlens)
 
@@ -58,13 +58,13 @@ def _state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, all
 
 
 def _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                        initial_state, cu_seqlens, with_score=True):
+                        initial_state, cu_seqlens):
     B, T, H, K = q.shape
     scale = K ** -0.5
     n_seq = B if cu_seqlens is None else len(cu_seqlens) - 1
     if B * T == n_seq and initial_state is not None and not torch.is_grad_enabled():
         return _decode_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                            initial_state, cu_seqlens, scale, with_score)
+                            initial_state, cu_seqlens, scale)
     if torch.is_grad_enabled():
         # autograd through fla's own function; the score (a selection key, never differentiated)
         # comes from a second, gradient-free pass.
@@ -164,25 +164,23 @@ def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval
                                                    chunk_size=chunk_size)
     o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, cu_seqlens=cu_seqlens,
                     chunk_indices=chunk_indices, state_v_first=v_first, chunk_size=chunk_size)
-    return o.to(v.dtype), torch.linalg.vector_norm(v_new, dim=-1, dtype=torch.float32), final
+    return o.to(v.dtype), row_norm(v_new), final
 
 
 def _decode_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens,
-                 scale, with_score=True):
+                 scale):
     """One token per sequence: e_t from the cached S_{t-1}, then fla's fused recurrent step."""
-    score = None
-    if with_score:
-        HV = v.shape[2]
-        shape = v.shape[:2]
-        kn = expand_heads(l2_normalize(k), HV).reshape(-1, HV, k.shape[-1])          # [N, HV, K]
-        beta = _beta(kind, beta_raw, allow_neg_eigval).reshape(-1, HV)
-        S = initial_state.float()
-        if kind == 'gdn':
-            alpha = gdn_decay(a_raw, A_log, dt_bias).exp().reshape(-1, HV)
-            pred = alpha[..., None] * torch.einsum('nhvk,nhk->nhv', S, kn)
-        else:
-            pred = torch.einsum('nhkv,nhk->nhv', S, kn)
-        score = (beta[..., None] * (v.reshape(-1, HV, v.shape[-1]).float() - pred)).norm(dim=-1).reshape(*shape, HV)
+    HV = v.shape[2]
+    shape = v.shape[:2]
+    kn = expand_heads(l2_normalize(k), HV).reshape(-1, HV, k.shape[-1])          # [N, HV, K]
+    beta = _beta(kind, beta_raw, allow_neg_eigval).reshape(-1, HV)
+    S = initial_state.float()
+    if kind == 'gdn':
+        alpha = gdn_decay(a_raw, A_log, dt_bias).exp().reshape(-1, HV)
+        pred = alpha[..., None] * torch.einsum('nhvk,nhk->nhv', S, kn)
+    else:
+        pred = torch.einsum('nhkv,nhk->nhv', S, kn)
+    score = (beta[..., None] * (v.reshape(-1, HV, v.shape[-1]).float() - pred)).norm(dim=-1).reshape(*shape, HV)
     if kind == 'gdn':
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
         o, final = fused_recurrent_gated_delta_rule(

@@ -118,7 +118,7 @@ def read_kernel_roofline(T, M, dev, reps):
     """The memory of one 340M-shaped layer (4 value heads, K 256, V 512, bf16, C 64) at T tokens: the selection,
     the prefill read kernel alone, and the whole fused prefill (selection + read + state update)."""
     from hola_retrofit.adapters.reference import empty_memory
-    from hola_retrofit.kernels.memory import memory_prefill_fused
+    from hola_retrofit.kernels.memory import memory_prefill_fused, packed_weight
     from hola_retrofit.kernels.read import prefill_read
     from hola_retrofit.kernels.select import select_caches
     HV, K, V, C = 4, 256, 512, 64
@@ -130,17 +130,14 @@ def read_kernel_roofline(T, M, dev, reps):
     ost = torch.randn(T, HV, V, device=dev, dtype=bf)
     params = {'q_gamma': torch.full((HV, K), 2.0, device=dev), 'k_gamma': torch.full((HV, K), 2.0, device=dev),
               'sink': torch.full((HV,), 28.0, device=dev), 'gate': torch.zeros(HV, device=dev)}
-    blocks = torch.arange(0, T // C, device=dev)
-    pos = torch.arange(T, device=dev).expand(HV, -1)
-    idx, cnt = select_caches(score.t(), pos, blocks, M, C)
-    t_sel = timed(lambda: select_caches(score.t(), pos, blocks, M, C), reps)
-    qs, qe = blocks * C, blocks * C + C
+    idx, cnt = select_caches(score.t(), None, 0, T // C, M, C)
+    t_sel = timed(lambda: select_caches(score.t(), None, 0, T // C, M, C), reps)
     k_old, v_old = torch.zeros(HV, 0, K, device=dev, dtype=bf), torch.zeros(HV, 0, V, device=dev, dtype=bf)
-    gqk = torch.full((HV, K), 4.0, device=dev)
-    t = timed(lambda: prefill_read(q, k_old, v_old, k, v, idx, cnt, qs, qe, qs, ost, gqk, params['sink'],
-                                   params['gate'], 0.0625, True, C), reps)
+    weight = packed_weight(params)
+    t = timed(lambda: prefill_read(q, k_old, v_old, k, v, idx, cnt, 0, ost, weight, 0.0625, True, C), reps)
     t_all = timed(lambda: memory_prefill_fused(empty_memory(1, HV, K, V, cfg, bf, torch.device(dev)), 0, q, k, v,
-                                               score, ost, params, cfg, 0.0625, out=torch.empty_like(ost)), reps)
+                                               score, ost, params, cfg, 0.0625, out=torch.empty_like(ost),
+                                               fresh=True), reps)
     # the autotuned kernels against the reference on the first 4096 tokens, with an active memory (sink 2)
     from hola_retrofit.adapters.fallbacks import l2_normalize
     from hola_retrofit.adapters.reference import memory_forward
@@ -160,9 +157,33 @@ def read_kernel_roofline(T, M, dev, reps):
                 bytes_per_s=bytes_ / t, rel_err_vs_reference_4k=rel_err)
 
 
+def host_profile(models, T, dev, vocab, steps=10):
+    """cProfile of `steps` decode steps of each model (name -> model): where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+    ids = torch.randint(3, vocab, (1, T), device=dev)
+    for name, m in models.items():
+        cache = m(ids, use_cache=True, logits_to_keep=1).past_key_values
+        nxt = ids[:, -1:]
+        for _ in range(3):
+            cache = m(nxt, past_key_values=cache, use_cache=True).past_key_values
+        sync()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(steps):
+            cache = m(nxt, past_key_values=cache, use_cache=True).past_key_values
+        sync()
+        pr.disable()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats('tottime').print_stats(25)
+        print(f'--- host profile, {steps} decode steps of {name}\n' + buf.getvalue(), flush=True)
+
+
 @torch.no_grad()
-def profile(model, T, dev, vocab):
-    """torch.profiler tables for one prefill of T tokens and 8 decode steps (where the time goes)."""
+def profile(model, T, dev, vocab, base=None):
+    """torch.profiler tables for one prefill of T tokens and 8 decode steps (where the time goes), the base
+    model's prefill table for comparison, and cProfile of the decode steps of both."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
     import traceback
@@ -189,7 +210,7 @@ def profile(model, T, dev, vocab):
         sync()
         from hola_retrofit.kernels import read
         print('--- tuned:', {n: str(getattr(getattr(read, n), 'best_config', None))
-                             for n in ('_prefill_read_kernel', '_decode_kernel')}, flush=True)
+                             for n in ('_prefill_read_kernel',)}, flush=True)
         print(f'--- prefill: host returns after {(t1 - t0) * 1e3:.1f} ms, device done after '
               f'{(time.perf_counter() - t0) * 1e3:.1f} ms', flush=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == 'cuda' else [])
@@ -197,7 +218,14 @@ def profile(model, T, dev, vocab):
     with prof(activities=acts) as p:
         out = model(ids, use_cache=True, logits_to_keep=1)
         sync()
-    print(f'--- prefill {T} tokens\n' + p.key_averages().table(sort_by=sort, row_limit=15), flush=True)
+    print(f'--- prefill {T} tokens\n' + p.key_averages().table(sort_by=sort, row_limit=25), flush=True)
+    if base is not None:
+        base(ids, use_cache=True, logits_to_keep=1)
+        with prof(activities=acts) as p:
+            base(ids, use_cache=True, logits_to_keep=1)
+            sync()
+        print(f'--- base prefill {T} tokens\n' + p.key_averages().table(sort_by=sort, row_limit=12), flush=True)
+        host_profile({'base': base, 'retrofit': model}, min(T, 2048), dev, vocab)
     cache, nxt = out.past_key_values, ids[:, -1:]
     for _ in range(3):
         cache = model(nxt, past_key_values=cache, use_cache=True).past_key_values
@@ -274,7 +302,7 @@ def main():
         M = max(int(m) for m in args.cache.split(','))
         os.environ['HOLA_KERNELS'] = '1' if dev == 'cuda' else '0'
         profile(retrofit_model(base, MemoryConfig(cache_size=M, block_size=args.block)).eval(), lengths[-1], dev,
-                kw['vocab_size'])
+                kw['vocab_size'], base=base)
 
 
 def table(rows):

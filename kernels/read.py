@@ -30,8 +30,8 @@ def _autotune(configs, key):
     return triton.autotune(configs=configs, key=key)
 
 
-_CONFIGS = [triton.Config({'BN': bn, 'BV': bv}, num_warps=w, num_stages=2)
-            for bn in (32, 64) for bv in (256, 512) for w in (4, 8)]
+_CONFIGS = [triton.Config({'BN': bn, 'BV': bv}, num_warps=w, num_stages=st)
+            for bn in (32, 64) for bv in (256, 512) for w in (4, 8) for st in (2, 3)]
 
 
 @triton.jit
@@ -43,26 +43,22 @@ def _unit_rms(s2, eps_l2, eps, K: tl.constexpr):
 
 @triton.jit
 def _load_rows(OLD, NEW, h, hn, rows, valid, NO, s_t, s_h, cols, mcol, D: tl.constexpr, HAS_OLD: tl.constexpr):
-    """Candidate rows: index < NO from OLD [HV, NO, D], else row index - NO of NEW (strided).
-    cols=None loads one number per candidate (OLD [HV, NO], NEW [L, s_t] with head offset hn * s_h)."""
+    """Candidate rows [len(rows), len(cols)]: index < NO from OLD [HV, NO, D], else row index - NO of NEW
+    (strided: token stride s_t, head hn at offset hn * s_h)."""
     new = valid & (rows >= NO)
-    if D == 1:
-        x = tl.load(NEW + (rows - NO) * s_t + hn * s_h, mask=new, other=0.)
-        if HAS_OLD:
-            x += tl.load(OLD + h * NO + rows, mask=valid & (rows < NO), other=0.).to(x.dtype)
-    else:
-        x = tl.load(NEW + (rows - NO)[:, None] * s_t + hn * s_h + cols[None, :], mask=new[:, None] & mcol[None, :],
-                    other=0.)
-        if HAS_OLD:
-            x += tl.load(OLD + (h * NO + rows[:, None]) * D + cols[None, :],
-                         mask=(valid & (rows < NO))[:, None] & mcol[None, :], other=0.).to(x.dtype)
+    x = tl.load(NEW + (rows - NO)[:, None] * s_t + hn * s_h + cols[None, :], mask=new[:, None] & mcol[None, :],
+                other=0.)
+    if HAS_OLD:
+        x += tl.load(OLD + (h * NO + rows[:, None]) * D + cols[None, :],
+                     mask=(valid & (rows < NO))[:, None] & mcol[None, :], other=0.).to(x.dtype)
     return x
 
 
 @triton.jit
-def _attend(q, k, kf, v, mask, m_i, l_i, acc, PREC: tl.constexpr):
-    """One online-softmax step of queries q [BQ, BK] over keys k [BN, BK] (times their norm factor kf [BN])
-    and values v [BN, BV]."""
+def _attend(q, k, v, mask, m_i, l_i, acc, eps_l2, eps, K: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step of queries q [BQ, BK] over raw keys k [BN, BK] (their RMS-of-unit factor is
+    computed here from the loaded rows) and values v [BN, BV]."""
+    kf = _unit_rms(tl.sum(k.to(tl.float32) * k.to(tl.float32), 1), eps_l2, eps, K)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * kf[None, :]
     s = tl.where(mask, s, float('-inf'))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -72,32 +68,40 @@ def _attend(q, k, kf, v, mask, m_i, l_i, acc, PREC: tl.constexpr):
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
+@triton.jit
+def _params(W, h, sw, rk, mk, K: tl.constexpr):
+    """The memory parameters of value head h from the packed weight W [HV, 2K + 2] (row stride sw):
+    gamma_q * gamma_k [BK], sink, gate logit, in float32."""
+    gq = tl.load(W + h * sw + rk, mask=mk, other=0.).to(tl.float32)
+    gk = tl.load(W + h * sw + K + rk, mask=mk, other=0.).to(tl.float32)
+    return gq * gk, tl.load(W + h * sw + 2 * K).to(tl.float32), tl.load(W + h * sw + 2 * K + 1).to(tl.float32)
+
+
 @_autotune(_CONFIGS, key=['K', 'V', 'BQ', 'BK', 'G', 'HAS_OLD'])
 @triton.jit
-def _prefill_read_kernel(Q, KO, VO, FO, KN, VN, FN, IDX, CNT, QS, QE, CB, OST, OUT, GQK, SINK, GATE,
-                         NO, NBS, M, H, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, eps_l2, eps, scale,
+def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, OST, OUT, W, NO, NBS, M, L, b0, seen0, CB0, C, sw,
+                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, eps_l2, eps, scale,
                          G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                          BN: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr, READ_BLOCK: tl.constexpr,
                          PREC: tl.constexpr, LOWP: tl.constexpr, HAS_OLD: tl.constexpr):
     j, h, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HV = tl.num_programs(1)
     hk = h // G  # the q/k head of this value head
-    qs = tl.load(QS + j)
-    qe = tl.load(QE + j)
+    qs = tl.maximum((b0 + j) * C - seen0, 0)  # this block's rows of the input
+    qe = tl.minimum((b0 + j + 1) * C - seen0, L)
     rq = qs + tl.arange(0, BQ)
     mq = rq < qe
     rk = tl.arange(0, BK)
     mk = rk < K
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < V
+    gqk, sink, gate = _params(W, h, sw, rk, mk, K)
     # queries: l2 norm, RMSNorm, gamma_q * gamma_k and 1/sqrt(K) folded in; keys: raw, times their factor
     q = tl.load(Q + rq[:, None] * sq_t + hk * sq_h + rk[None, :], mask=mq[:, None] & mk[None, :], other=0.)
     q = q.to(tl.float32)
-    gqk = tl.load(GQK + h * K + rk, mask=mk, other=0.)
     q = q * (_unit_rms(tl.sum(q * q, 1), eps_l2, eps, K) / tl.sqrt(K * 1.0))[:, None] * gqk[None, :]
     if LOWP:  # bf16/fp16 operands for both dots, float32 accumulation (flash-attention style)
         q = q.to(VN.dtype.element_ty)
-    sink = tl.load(SINK + h).to(tl.float32)
     m_i = tl.zeros([BQ], dtype=tl.float32) + sink
     l_i = tl.zeros([BQ], dtype=tl.float32) + 1.0
     acc = tl.zeros([BQ, BV], dtype=tl.float32)
@@ -108,21 +112,20 @@ def _prefill_read_kernel(Q, KO, VO, FO, KN, VN, FN, IDX, CNT, QS, QE, CB, OST, O
         valid = rn < n_cache
         idx = tl.load(IDX + (h * NBS + j) * M + rn, mask=valid, other=0)
         k = _load_rows(KO, KN, h, hk, idx, valid, NO, sk_t, sk_h, rk, mk, K, HAS_OLD)
-        kf = _load_rows(FO, FN, h, hk, idx, valid, NO, H, 1, None, None, 1, HAS_OLD)
         v = _load_rows(VO, VN, h, h, idx, valid, NO, sv_t, sv_h, rv, mv, V, HAS_OLD)
-        m_i, l_i, acc = _attend(q, k, kf, v, valid[None, :], m_i, l_i, acc, PREC)
+        m_i, l_i, acc = _attend(q, k, v, valid[None, :], m_i, l_i, acc, eps_l2, eps, K, PREC)
     if READ_BLOCK:
-        # the own block, causal: candidates cb .. NO + row
-        cb = tl.load(CB + j)
+        # the own block, causal: earlier candidates of the block (the partial block, first block only), then
+        # the new tokens up to the row itself
+        cb = tl.where(j == 0, CB0, NO + qs)
         last = NO + qe  # one past the last visible candidate of the block
         for t in range(0, last - cb, BN):
             rn = cb + t + tl.arange(0, BN)
             inb = rn < last
             k = _load_rows(KO, KN, h, hk, rn, inb, NO, sk_t, sk_h, rk, mk, K, HAS_OLD)
-            kf = _load_rows(FO, FN, h, hk, rn, inb, NO, H, 1, None, None, 1, HAS_OLD)
             v = _load_rows(VO, VN, h, h, rn, inb, NO, sv_t, sv_h, rv, mv, V, HAS_OLD)
             vis = inb[None, :] & (rn[None, :] <= (NO + rq)[:, None])
-            m_i, l_i, acc = _attend(q, k, kf, v, vis, m_i, l_i, acc, PREC)
+            m_i, l_i, acc = _attend(q, k, v, vis, m_i, l_i, acc, eps_l2, eps, K, PREC)
     w0 = tl.exp(sink - m_i) / l_i
     read = acc / l_i[:, None] * scale
     io = (rq[:, None] * HV + h) * V + rv[None, :]
@@ -130,15 +133,8 @@ def _prefill_read_kernel(Q, KO, VO, FO, KN, VN, FN, IDX, CNT, QS, QE, CB, OST, O
     if SHARED:
         o = w0[:, None] * ost + read
     else:
-        o = ost + tl.sigmoid(tl.load(GATE + h).to(tl.float32)) * read
+        o = ost + tl.sigmoid(gate) * read
     tl.store(OUT + io, o, mask=mq[:, None] & mv[None, :])
-
-
-def key_factor(k: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per key, the factor f with rms(l2_normalize(k)) = f * k (float32, the last dimension reduced)."""
-    s2 = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).square()
-    r1 = torch.rsqrt(s2 + 1e-6)
-    return r1 * torch.rsqrt(s2 * r1 * r1 / k.shape[-1] + eps)
 
 
 def _empty(*shape, device) -> torch.Tensor:
@@ -153,22 +149,25 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                 idx: torch.Tensor, cnt: torch.Tensor, q_start: torch.Tensor, q_end: torch.Tensor,
-                 cand_start: torch.Tensor, o_state: torch.Tensor, gqk: torch.Tensor, sink: torch.Tensor,
-                 gate: torch.Tensor, scale: float, shared: bool, block_size: int, read_block: bool = True,
-                 eps: float = 1e-6, out: torch.Tensor | None = None, has_old: bool = True) -> torch.Tensor:
-    """Raw queries q [L, H, K] and new keys k_new [L, H, K] (before the L2 norm; value head h reads q/k head
-    h // (HV / H)), new values v_new [L, HV, V]; the earlier candidates (cache, then the partial block)
-    k_old [HV, NO, K] (unit-L2), v_old [HV, NO, V]; candidate i >= NO is new token i - NO. idx [HV, NBS, M]
-    and cnt [HV, NBS] from select_caches (the first NB = len(q_start) rows are read). Query block j: rows
-    [q_start, q_end), own-block candidates from cand_start. gqk [HV, K] = gamma_q * gamma_k.
-    o_state [L, HV, V]; `out` (default: a new float32 tensor; may be o_state itself) gets the output.
-    has_old=False promises that no earlier candidate is read (a fresh memory): their loads are skipped."""
+                 idx: torch.Tensor, cnt: torch.Tensor, seen0: int, o_state: torch.Tensor, weight: torch.Tensor,
+                 scale: float, shared: bool, block_size: int, read_block: bool = True, eps: float = 1e-6,
+                 out: torch.Tensor | None = None, cb0: int | None = None) -> torch.Tensor:
+    """The read of L new tokens at positions seen0 .. seen0 + L - 1 of one sequence, block by block.
+
+    Raw queries q [L, H, K] and new keys k_new [L, H, K] (before the L2 norm; value head h reads q/k head
+    h // (HV / H)), new values v_new [L, HV, V]; the earlier candidates k_old [HV, NO, K] (unit-L2), v_old
+    [HV, NO, V] (NO = 0: none, a fresh memory); candidate i >= NO is new token i - NO. idx [HV, NBS, M] and
+    cnt [HV, NBS] from select_caches, row j for the block of position (seen0 // C + j) * C; the own-block
+    read of the first block starts at candidate cb0 (default NO: no earlier candidates of that block).
+    weight [HV, 2K + 2]: the packed memory parameters (MemoryParams.weight). o_state [L, HV, V]; `out`
+    (default: a new float32 tensor; may be o_state itself) gets the output."""
     L, H, K = q.shape
     HV, NO = k_old.shape[0], k_old.shape[1]
     V = v_new.shape[-1]
-    NB, M = len(q_start), idx.shape[2]
-    assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1 and o_state.is_contiguous()
+    C, M = block_size, idx.shape[2]
+    NB = (seen0 + L - 1) // C - seen0 // C + 1  # query blocks
+    assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == weight.stride(-1) == 1
+    assert o_state.is_contiguous() and k_old.is_contiguous() and v_old.is_contiguous()
     out = _empty(L, HV, V, device=q.device) if out is None else out
     BQ, BK = _pow2(block_size), _pow2(K)
     prec = 'ieee' if v_new.dtype == torch.float32 else 'tf32'
@@ -176,17 +175,12 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
     lowp = v_new.dtype != torch.float32 and not INTERPRET
     extra = {} if TUNE else {'BN': 32, 'BV': _pow2(min(V, 64))}
     grid = lambda meta: (NB, HV, triton.cdiv(V, meta['BV']))  # noqa: E731
-    _prefill_read_kernel[grid](q, k_old.contiguous(), v_old.contiguous(), key_factor(k_old, eps).contiguous(), k_new,
-                               v_new, key_factor(k_new, eps).contiguous(), idx, cnt, q_start.to(torch.int32),
-                               q_end.to(torch.int32), cand_start.to(torch.int32), o_state, out,
-                               gqk.float().contiguous(), sink.float().contiguous(), gate.float().contiguous(), NO,
-                               idx.shape[1], M, H, q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
-                               v_new.stride(0), v_new.stride(1), 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK,
-                               SHARED=shared, READ_BLOCK=read_block, PREC=prec, LOWP=lowp, HAS_OLD=has_old, **extra)
+    _prefill_read_kernel[grid](q, k_old, v_old, k_new, v_new, idx, cnt, o_state, out, weight, NO, idx.shape[1], M, L,
+                               seen0 // C, seen0, NO if cb0 is None else cb0, C, weight.stride(0),
+                               q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0),
+                               v_new.stride(1), 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK, SHARED=shared,
+                               READ_BLOCK=read_block, PREC=prec, LOWP=lowp, HAS_OLD=NO > 0, **extra)
     return out
-
-
-_DCONFIGS = [triton.Config({'BN': bn}, num_warps=w) for bn in (16, 32, 64) for w in (4, 8)]
 
 
 @triton.jit
@@ -197,20 +191,20 @@ def _beats(sa, pa, sb, pb, SURPRISE: tl.constexpr):
     return pa > pb
 
 
-@_autotune(_DCONFIGS, key=['K', 'V', 'M', 'C', 'G'])
 @triton.jit
 def _decode_kernel(Q, KR, VR, SC, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CS, CP, BKT, BVL, BS, RANK, OST,
-                   OUT, GQK, SINK, GATE, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, ss_h, ss_v, ss_k, eps_l2, eps, scale,
+                   OUT, W, sw, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, ss_h, ss_v, ss_k, eps_l2, eps, scale,
                    G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, SHARED: tl.constexpr,
-                   READ_BLOCK: tl.constexpr, SURPRISE: tl.constexpr, SCORE: tl.constexpr, NEG: tl.constexpr):
-    """One program per (sequence, value head): (the write score from the previous state,) write the token into
-    the block buffer, read [sink, cache, block so far, the token], combine with the state output, and merge
-    the block into the cache when it ends.
+                   READ_BLOCK: tl.constexpr, SURPRISE: tl.constexpr, STEP: tl.constexpr, NEG: tl.constexpr):
+    """One program per (sequence, value head): (the recurrent step,) write the token into the block buffer,
+    read [sink, cache, block so far, the token], combine with the state output, and merge the block into the
+    cache when it ends.
 
-    SCORE 0: the score is given (SC [N, HV]). 1: GDN, m = sigmoid(b) (x2 with NEG) * ||v - alpha S^T k||,
-    alpha = exp(-exp(A_log) softplus(a + dt_bias)), S the previous state (strided, value/key strides given).
-    2: DeltaNet, m = beta * ||v - S^T k|| with beta given (BETA)."""
+    STEP 0: the score SC [N, HV] and the state output OST are given. 1: GDN's recurrent step on the state
+    (strided, value/key strides given), in place: S <- alpha S + k u^T with u = beta (v - alpha S^T k),
+    alpha = exp(-exp(A_log) softplus(a + dt_bias)), beta = sigmoid(b) (x2 with NEG), score ||u||, state output
+    scale * S^T q (q, k unit-L2; fla's fused recurrent step). 2: the same for DeltaNet (alpha 1, beta given)."""
     n, h = tl.program_id(0), tl.program_id(1)
     HV = tl.num_programs(1)
     nh = n * HV + h
@@ -221,9 +215,9 @@ def _decode_kernel(Q, KR, VR, SC, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV,
     mv = rv < V
     seen = tl.load(SEEN + n)
     fill = (seen % C).to(tl.int32)
-    q = tl.load(Q + n * sq_n + hk * sq_h + rk, mask=mk, other=0.).to(tl.float32)
-    gqk = tl.load(GQK + h * K + rk, mask=mk, other=0.)
-    q = q * _unit_rms(tl.sum(q * q, 0), eps_l2, eps, K) / tl.sqrt(K * 1.0) * gqk
+    gqk, sink, gate = _params(W, h, sw, rk, mk, K)
+    q_raw = tl.load(Q + n * sq_n + hk * sq_h + rk, mask=mk, other=0.).to(tl.float32)
+    q = q_raw * _unit_rms(tl.sum(q_raw * q_raw, 0), eps_l2, eps, K) / tl.sqrt(K * 1.0) * gqk
     k = tl.load(KR + n * sk_n + hk * sk_h + rk, mask=mk, other=0.).to(tl.float32)
     k2 = tl.sum(k * k, 0)
     v = tl.load(VR + n * sv_n + h * sv_h + rv, mask=mv, other=0.).to(tl.float32)
@@ -231,10 +225,10 @@ def _decode_kernel(Q, KR, VR, SC, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV,
     ku = k * tl.rsqrt(k2 + eps_l2)
     tl.store(BKT + (nh * C + fill) * K + rk, ku, mask=mk)
     tl.store(BVL + (nh * C + fill) * V + rv, v, mask=mv)
-    if SCORE == 0:
+    if STEP == 0:
         score = tl.load(SC + nh)
     else:
-        if SCORE == 1:
+        if STEP == 1:
             x = tl.load(A_RAW + nh).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
             softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
             alpha = tl.exp(-tl.exp(tl.load(A_LOG + h).to(tl.float32)) * softplus)
@@ -244,17 +238,22 @@ def _decode_kernel(Q, KR, VR, SC, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV,
         else:
             alpha = 1.0
             beta = tl.load(BETA + nh).to(tl.float32)
-        e2 = 0.0
-        for tv in range(0, V, 64):  # e = v - alpha S^T k, 64 value rows at a time
+        qu = q_raw * tl.rsqrt(tl.sum(q_raw * q_raw, 0) + eps_l2) * scale
+        u2 = 0.0
+        for tv in range(0, V, 64):  # 64 value rows of the state at a time
             rt = tv + tl.arange(0, 64)
             mt = rt < V
-            s_t = tl.load(ST + n * ss_n + h * ss_h + rt[:, None] * ss_v + rk[None, :] * ss_k,
-                          mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32)
-            e = tl.load(VR + n * sv_n + h * sv_h + rt, mask=mt, other=0.).to(tl.float32) - alpha * tl.sum(s_t * ku[None, :], 1)
-            e2 += tl.sum(tl.where(mt, e * e, 0.), 0)
-        score = beta * tl.sqrt(e2)
+            ps = ST + n * ss_n + h * ss_h + rt[:, None] * ss_v + rk[None, :] * ss_k
+            s_t = tl.load(ps, mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32) * alpha
+            u = beta * (tl.load(VR + n * sv_n + h * sv_h + rt, mask=mt, other=0.).to(tl.float32)
+                        - tl.sum(s_t * ku[None, :], 1))
+            u2 += tl.sum(tl.where(mt, u * u, 0.), 0)
+            s_t += u[:, None] * ku[None, :]
+            tl.store(ps, s_t.to(ST.dtype.element_ty), mask=mt[:, None] & mk[None, :])
+            tl.store(OST + nh * V + rt, tl.sum(s_t * qu[None, :], 1), mask=mt)
+        score = tl.sqrt(u2)
+        tl.debug_barrier()  # the state output is read back below by other threads
     tl.store(BS + nh * C + fill, score)
-    sink = tl.load(SINK + h).to(tl.float32)
     m_i = sink
     l_i = sink * 0.0 + 1.0
     acc = tl.zeros([BV], dtype=tl.float32)
@@ -295,7 +294,7 @@ def _decode_kernel(Q, KR, VR, SC, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV,
     if SHARED:
         o = w0 * ost + read
     else:
-        o = ost + tl.sigmoid(tl.load(GATE + h).to(tl.float32)) * read
+        o = ost + tl.sigmoid(gate) * read
     tl.store(OUT + nh * V + rv, o, mask=mv)
     if M > 0:
         if fill == C - 1:
@@ -352,40 +351,42 @@ def _decode_kernel(Q, KR, VR, SC, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV,
             tl.store(BS + nh * C + rc, tl.full([BC], float('-inf'), tl.float32), mask=rc < C)
 
 
-def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, o_state: torch.Tensor, params: dict,
-                eps: float, scale: float, shared: bool, read_block: bool, eviction: str,
-                score: torch.Tensor | None = None, state: dict | None = None,
+def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, weight: torch.Tensor, eps: float,
+                scale: float, shared: bool, read_block: bool, eviction: str, score: torch.Tensor | None = None,
+                o_state: torch.Tensor | None = None, state: dict | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """One token for every sequence, in one launch: raw q, k [N, H, K] (before the L2 norm), v [N, HV, V];
-    o_state [N, HV, V]. Either `score` [N, HV] is given, or `state` holds what computes it: kind ('gdn' or
-    'deltanet'), S (the state before this token, fla's layout), beta ([N, HV]; GDN: raw, before the sigmoid),
-    and for GDN a, A_log, dt_bias, allow_neg_eigval. Writes the token into the block buffer, reads, combines,
-    and merges a block that ends into the cache (the caller then advances mem['seen']). Returns [N, HV, V]."""
+    weight [HV, 2K + 2] the packed memory parameters. Either `score` [N, HV] and `o_state` [N, HV, V] are
+    given, or `state` holds the recurrent step's inputs: kind ('gdn' or 'deltanet'), S (the state before this
+    token in fla's layout, updated in place; None: zero, then state['S'] gets the new state), beta ([N, HV];
+    GDN: raw, before the sigmoid), and for GDN a, A_log, dt_bias, allow_neg_eigval. Writes the token into the
+    block buffer, reads, combines, and merges a block that ends into the cache (the caller then advances
+    mem['seen']). Returns out [N, HV, V] (default: new, v's dtype)."""
     N, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     M, C = mem['cache_k'].shape[2], mem['block_k'].shape[2]
-    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and o_state.is_contiguous()
-    out = _empty(N, HV, V, device=q.device) if out is None else out
-    gqk = (params['q_gamma'].float() * params['k_gamma'].float()).contiguous()
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == weight.stride(-1) == 1
+    out = torch.empty(N, HV, V, dtype=v.dtype, device=v.device) if out is None else out
     if state is None:
-        mode, S, beta, a, a_log, dt_bias, neg = 0, score.float().contiguous(), score, score, score, score, False
+        assert o_state.is_contiguous()
+        step, S, beta, a, a_log, dt_bias, neg = 0, score.float().contiguous(), score, score, score, score, False
         s_strides = (0, 0, 0, 0)
     else:
         gdn = state['kind'] == 'gdn'
-        mode, S, beta = (1 if gdn else 2), state['S'], state['beta'].reshape(N, HV)
+        step, S, beta = (1 if gdn else 2), state['S'], state['beta'].reshape(N, HV)
+        o_state = torch.empty(N, HV, V, device=q.device)  # the kernel's scratch: not `out`, read and written
         if S is None:  # no earlier token: the state is zero
-            S = torch.zeros(N, HV, V, K, device=q.device) if gdn else torch.zeros(N, HV, K, V, device=q.device)
+            S = state['S'] = torch.zeros((N, HV, V, K) if gdn else (N, HV, K, V), device=q.device)
         s_strides = (S.stride(0), S.stride(1), S.stride(2), S.stride(3)) if gdn else \
             (S.stride(0), S.stride(1), S.stride(3), S.stride(2))
         a, a_log, dt_bias = ((state['a'].reshape(N, HV), state['A_log'], state['dt_bias']) if gdn else (beta,) * 3)
         neg, score = gdn and state['allow_neg_eigval'], beta
-    extra = {} if TUNE else {'BN': 16}
+    launch = {'BN': 16} if INTERPRET else {'BN': 64, 'num_warps': 8}
     _decode_kernel[(N, HV)](q, k, v, score, S, beta, a, a_log, dt_bias, mem['seen'], mem['cache_k'], mem['cache_v'],
                             mem['cache_score'], mem['cache_pos'], mem['block_k'], mem['block_v'], mem['block_score'],
-                            torch.empty(N, HV, C, dtype=torch.int32, device=q.device), o_state, out, gqk,
-                            params['sink'].float().contiguous(), params['gate'].float().contiguous(),
-                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *s_strides,
-                            1e-6, eps, scale, G=HV // H, K=K, V=V, M=M, C=C, BK=_pow2(K), BV=_pow2(V), BC=_pow2(C),
-                            SHARED=shared, READ_BLOCK=read_block, SURPRISE=eviction == 'surprise', SCORE=mode, NEG=neg,
-                            **extra)
+                            torch.empty(N, HV, C, dtype=torch.int32, device=q.device), o_state, out, weight,
+                            weight.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                            v.stride(1), *s_strides, 1e-6, eps, scale, G=HV // H, K=K, V=V, M=M, C=C, BK=_pow2(K),
+                            BV=_pow2(V), BC=_pow2(C), SHARED=shared, READ_BLOCK=read_block,
+                            SURPRISE=eviction == 'surprise', STEP=step, NEG=neg, **launch)
     return out

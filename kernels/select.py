@@ -14,15 +14,18 @@ import torch
 import triton
 import triton.language as tl
 
-BIG = 2**30  # block index of an empty candidate: never eligible
 
-
-def priority_order(score: torch.Tensor, pos: torch.Tensor, eviction: str,
+def priority_order(score: torch.Tensor, pos: torch.Tensor | None, eviction: str,
                    by_pos: torch.Tensor | None = None) -> torch.Tensor:
     """[HV, N] candidate indices sorted by (key desc, position asc); empty candidates (pos < 0) last.
 
-    Candidates are put in position order first (`by_pos`, when the caller knows it), then a stable
-    descending sort by the key keeps the earlier token first among ties."""
+    pos=None: candidate i is at position i (a fresh prompt): one sort. Otherwise candidates are put in
+    position order first (`by_pos`, when the caller knows it), then a stable descending sort by the key
+    keeps the earlier token first among ties."""
+    if pos is None:
+        if eviction == 'surprise':
+            return torch.argsort(score, dim=-1, descending=True, stable=True)
+        return torch.arange(score.shape[-1] - 1, -1, -1, device=score.device).expand(score.shape)
     if by_pos is None:
         by_pos = torch.argsort(torch.where(pos >= 0, pos, torch.iinfo(torch.long).max), dim=-1, stable=True)
     if eviction == 'surprise':
@@ -34,34 +37,46 @@ def priority_order(score: torch.Tensor, pos: torch.Tensor, eviction: str,
 
 
 @triton.jit
-def _select_kernel(BLK, ORD, BLOCKS, OUT, CNT, N, NB, M, BT: tl.constexpr):
+def _select_kernel(ORD, POS, OUT, CNT, s_oh, s_on, N, NB, b0, M, C, HAS_POS: tl.constexpr, BT: tl.constexpr,
+                   BM: tl.constexpr):
+    """Program (j, h): the members of the cache of block b0 + j, in priority order, then -1 up to M."""
     j, h = tl.program_id(0), tl.program_id(1)
-    b = tl.load(BLOCKS + j)
+    b = b0 + j
     cnt = tl.program_id(0) * 0
     t = tl.program_id(0) * 0
     while (cnt < M) & (t < N):
         r = t + tl.arange(0, BT)
-        el = tl.load(BLK + h * N + r, mask=r < N, other=2**30) < b
+        o = tl.load(ORD + h * s_oh + r * s_on, mask=r < N, other=0)
+        if HAS_POS:
+            p = tl.load(POS + h * N + o, mask=r < N, other=-1)
+        else:
+            p = o
+        el = (r < N) & (p >= 0) & (p < b * C)
         slot = cnt + tl.cumsum(el.to(tl.int32), 0) - 1
         keep = el & (slot < M)
-        tl.store(OUT + (h * NB + j) * M + slot, tl.load(ORD + h * N + r, mask=keep, other=-1), mask=keep)
+        tl.store(OUT + (h * NB + j) * M + slot, o.to(tl.int32), mask=keep)
         cnt += tl.sum(el.to(tl.int32), 0)
         t += BT
-    tl.store(CNT + h * NB + j, tl.minimum(cnt, M))
+    cnt = tl.minimum(cnt, M)
+    tl.store(CNT + h * NB + j, cnt)
+    for s in range(0, M, BM):  # the empty slots
+        rs = s + tl.arange(0, BM)
+        tl.store(OUT + (h * NB + j) * M + rs, tl.full([BM], -1, tl.int32), mask=(rs >= cnt) & (rs < M))
 
 
-def select_caches(score: torch.Tensor, pos: torch.Tensor, blocks: torch.Tensor, M: int, C: int,
+def select_caches(score: torch.Tensor, pos: torch.Tensor | None, b0: int, n_blocks: int, M: int, C: int,
                   eviction: str = 'surprise', by_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """score, pos [HV, N]; blocks [B] block indices b. Returns idx [HV, B, M] (int32, -1 = empty): the
-    candidates in the cache read by queries of block b, in priority order, and their count [HV, B].
-    `by_pos` [HV, N]: the candidates in position order, if known (saves a sort)."""
+    """score [HV, N]; pos [HV, N] absolute positions (-1: empty), or None for candidate i at position i.
+    Returns idx [HV, n_blocks, M] (int32, -1 = empty): the candidates in the cache read by queries of block
+    b0 + j, in priority order, and their count [HV, n_blocks]. `by_pos` [HV, N]: the candidates in position
+    order, if known (saves a sort)."""
     HV, N = score.shape
-    out = torch.full((HV, len(blocks), M), -1, dtype=torch.int32, device=score.device)
-    cnt = torch.zeros(HV, len(blocks), dtype=torch.int32, device=score.device)
-    if M == 0 or N == 0 or len(blocks) == 0:
-        return out, cnt
+    out = torch.empty(HV, n_blocks, M, dtype=torch.int32, device=score.device)
+    cnt = torch.empty(HV, n_blocks, dtype=torch.int32, device=score.device)
+    if M == 0 or n_blocks == 0:
+        return out, cnt.zero_()
     order = priority_order(score, pos, eviction, by_pos)                # [HV, N]
-    blk = torch.where(pos >= 0, pos // C, BIG).gather(-1, order)
-    _select_kernel[(len(blocks), HV)](blk.to(torch.int32).contiguous(), order.to(torch.int32).contiguous(),
-                                      blocks.to(torch.int32).contiguous(), out, cnt, N, len(blocks), M, BT=512)
+    pos = pos.contiguous() if pos is not None else order
+    _select_kernel[(n_blocks, HV)](order, pos, out, cnt, order.stride(0), order.stride(1), N, n_blocks, b0, M, C,
+                                   HAS_POS=pos is not order, BT=512, BM=128)
     return out, cnt

@@ -9,8 +9,8 @@ import torch
 from conftest import VOCAB, hola_from_base, tiny_base
 
 from hola_retrofit.adapters import MemoryConfig
-from hola_retrofit.adapters.fallbacks import expand_heads, l2_normalize
-from hola_retrofit.adapters.reference import empty_memory, memory_forward
+from hola_retrofit.adapters.fallbacks import expand_heads, gdn_beta, gdn_decay, l2_normalize
+from hola_retrofit.adapters.reference import delta_rule_with_score, empty_memory, memory_forward
 from hola_retrofit.kernels.memory import memory_decode_fused, memory_prefill_fused
 from hola_retrofit.kernels.select import select_caches
 
@@ -37,7 +37,7 @@ def test_select_equals_brute_force(eviction, M, C, N):
     pos = torch.arange(N).expand(HV, -1).clone()
     pos[1, 3] = -1  # an empty candidate
     blocks = torch.arange(0, N // C + 2)
-    idx, cnt = (t.cpu() for t in select_caches(score.to(DEV), pos.to(DEV), blocks.to(DEV), M, C, eviction))
+    idx, cnt = (t.cpu() for t in select_caches(score.to(DEV), pos.to(DEV), 0, len(blocks), M, C, eviction))
     for h in range(HV):
         for j, b in enumerate(blocks.tolist()):
             prior = [i for i in range(N) if 0 <= pos[h, i] < b * C]
@@ -97,10 +97,13 @@ def test_prefill_kernel_equals_reference(shape, rule):
                                    fresh=i == 0)  # the first call skips the (empty) earlier candidates
         assert rel(out, a) < 1e-4, (shape, n)
         i += n
-    for key in ('cache_k', 'cache_v', 'cache_score', 'cache_pos', 'seen'):
+    for key in ('cache_v', 'cache_score', 'cache_pos', 'seen', 'block_score'):
         assert torch.equal(mem_ref[key], mem_fus[key]), key
     fill = int(mem_ref['seen'][0]) % C
-    assert torch.equal(mem_ref['block_k'][:, :, :fill], mem_fus['block_k'][:, :, :fill])
+    assert torch.equal(mem_ref['block_v'][:, :, :fill], mem_fus['block_v'][:, :, :fill])
+    # keys are normalised in the kernel: equal up to rounding (an empty cache slot must stay zero)
+    assert rel(mem_fus['cache_k'], mem_ref['cache_k']) < 1e-6
+    assert rel(mem_fus['block_k'][:, :, :fill], mem_ref['block_k'][:, :, :fill]) < 1e-6
 
 
 @pytest.mark.parametrize('read_block', [True, False])
@@ -121,12 +124,54 @@ def test_decode_kernel_equals_reference(read_block):
         qn, kn = unit(q, HV), unit(k, HV)
         ref = torch.stack([memory_forward(mem_ref, n, qn[n:n + 1], kn[n:n + 1], v[n:n + 1], score[n:n + 1],
                                           o_state[n:n + 1], params, cfg, 0.25)[0] for n in range(N)])
-        out = memory_decode_fused(mem_fus, q, k, v, score, o_state, params, cfg, 0.25)
+        out = memory_decode_fused(mem_fus, q, k, v, params, cfg, 0.25, score=score, o_state=o_state)
         assert rel(out, ref) < 1e-4, t
     for key in ('cache_pos', 'cache_score', 'seen'):
         assert torch.equal(mem_ref[key], mem_fus[key]), key
     for key in ('cache_k', 'cache_v'):  # keys are normalised in the kernel: equal up to rounding
         assert rel(mem_fus[key], mem_ref[key]) < 1e-6, key
+
+
+@pytest.mark.parametrize('kind', ['gdn', 'deltanet'])
+@torch.no_grad()
+def test_decode_state_step_equals_reference(kind):
+    """The decode kernel's own recurrent step (state in place, score, state output) against the float32
+    delta rule and the reference memory, across a block end; GDN with grouped value heads."""
+    N, K, V, M, C = 2, 16, 24, 4, 8
+    H, HV = (1, 2) if kind == 'gdn' else (2, 2)
+    cfg = MemoryConfig(cache_size=M, block_size=C)
+    g = torch.Generator().manual_seed(3)
+    mem_ref = empty_memory(N, HV, K, V, cfg, torch.float32, torch.device(DEV))
+    mem_fus = empty_memory(N, HV, K, V, cfg, torch.float32, torch.device(DEV))
+    for n, L in enumerate((5, 13)):
+        q, k, v, score, o_state, params = _inputs(L, HV, K, V, seed=n, H=H)
+        memory_forward(mem_ref, n, unit(q, HV), unit(k, HV), v, score, o_state, params, cfg, 0.25)
+        memory_prefill_fused(mem_fus, n, q, k, v, score, o_state, params, cfg, 0.25)
+    S_ref = torch.randn(N, HV, K, V, generator=g).to(DEV) * 0.2                  # the reference's [HV, K, V]
+    S_fus = S_ref.transpose(-1, -2).contiguous() if kind == 'gdn' else S_ref.clone()  # fla's layout
+    A_log, dt_bias = torch.randn(HV, generator=g).to(DEV), torch.randn(HV, generator=g).to(DEV)
+    scale = K ** -0.5
+    for t in range(C + 3):
+        q, k, v, _, _, _ = _inputs(N, HV, K, V, seed=200 + t, H=H)
+        b = torch.randn(N, HV, generator=g).to(DEV)
+        a = torch.randn(N, HV, generator=g).to(DEV)
+        beta = gdn_beta(b, False) if kind == 'gdn' else torch.sigmoid(b)
+        log_alpha = gdn_decay(a, A_log, dt_bias) if kind == 'gdn' else None
+        qn, kn = unit(q, HV), unit(k, HV)
+        ref = []
+        for n in range(N):
+            o_s, m, S_n = delta_rule_with_score(qn[n:n + 1], kn[n:n + 1], v[n:n + 1], beta[n:n + 1],
+                                                None if log_alpha is None else log_alpha[n:n + 1], scale, S_ref[n])
+            S_ref[n] = S_n
+            ref.append(memory_forward(mem_ref, n, qn[n:n + 1], kn[n:n + 1], v[n:n + 1], m, o_s, params, cfg, scale)[0])
+        step = dict(kind=kind, S=S_fus, beta=b if kind == 'gdn' else beta, a=a, A_log=A_log, dt_bias=dt_bias,
+                    allow_neg_eigval=False)
+        out = memory_decode_fused(mem_fus, q, k, v, params, cfg, scale, state=step)
+        assert step['S'] is S_fus  # updated in place
+        assert rel(out, torch.stack(ref)) < 1e-4, t
+        assert rel(S_fus.transpose(-1, -2) if kind == 'gdn' else S_fus, S_ref) < 1e-5, t
+    assert torch.equal(mem_ref['cache_pos'], mem_fus['cache_pos'])
+    assert rel(mem_fus['cache_score'].clamp_min(-1), mem_ref['cache_score'].clamp_min(-1)) < 1e-5
 
 
 @torch.no_grad()
