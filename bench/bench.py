@@ -30,11 +30,11 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, reps):
-    """Median wall time of `reps` calls after one warm-up (CUDA-synchronised)."""
+def timed(fn, reps, all_times=None):
+    """Median wall time of `reps` calls after one warm-up (CUDA-synchronised); `all_times` gets every one."""
     fn()
     sync()
-    times = []
+    times = [] if all_times is None else all_times
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
@@ -57,7 +57,8 @@ def measure(model, T, dev, reps, decode_steps, vocab):
     if dev == 'cuda':
         torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
-    t_prefill = timed(lambda: model(ids, use_cache=True, logits_to_keep=1), reps)
+    reps_s = []
+    t_prefill = timed(lambda: model(ids, use_cache=True, logits_to_keep=1), reps, reps_s)
     out = model(ids, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     nxt = ids[:, -1:]
@@ -71,6 +72,7 @@ def measure(model, T, dev, reps, decode_steps, vocab):
         cache = out.past_key_values
     peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if dev == 'cuda' else float('nan')
     return dict(prefill_tok_s=T / t_prefill, prefill_ms=t_prefill * 1e3,
+                prefill_ms_each=[round(t * 1e3, 1) for t in reps_s],
                 decode_ms=statistics.median(step_times[1:]) * 1e3, peak_MiB=peak)
 
 
@@ -224,7 +226,7 @@ def profile(model, T, dev, vocab, base=None):
         with prof(activities=acts) as p:
             base(ids, use_cache=True, logits_to_keep=1)
             sync()
-        print(f'--- base prefill {T} tokens\n' + p.key_averages().table(sort_by=sort, row_limit=12), flush=True)
+        print(f'--- base prefill {T} tokens\n' + p.key_averages().table(sort_by=sort, row_limit=30), flush=True)
         host_profile({'base': base, 'retrofit': model}, min(T, 2048), dev, vocab)
     cache, nxt = out.past_key_values, ids[:, -1:]
     for _ in range(3):

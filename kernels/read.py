@@ -77,9 +77,9 @@ def _params(W, h, sw, rk, mk, K: tl.constexpr):
     return gq * gk, tl.load(W + h * sw + 2 * K).to(tl.float32), tl.load(W + h * sw + 2 * K + 1).to(tl.float32)
 
 
-@_autotune(_CONFIGS, key=['K', 'V', 'BQ', 'BK', 'G', 'HAS_OLD'])
+@_autotune(_CONFIGS, key=['K', 'V', 'BQ', 'BK', 'G', 'HAS_OLD', 'NB_KEY'])
 @triton.jit
-def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, OST, OUT, W, NO, NBS, M, L, b0, seen0, CB0, C, sw,
+def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, OST, OUT, W, NO, NBS, M, L, b0, seen0, CB0, C, sw, NB_KEY,
                          sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, eps_l2, eps, scale,
                          G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                          BN: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr, READ_BLOCK: tl.constexpr,
@@ -177,6 +177,7 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
     grid = lambda meta: (NB, HV, triton.cdiv(V, meta['BV']))  # noqa: E731
     _prefill_read_kernel[grid](q, k_old, v_old, k_new, v_new, idx, cnt, o_state, out, weight, NO, idx.shape[1], M, L,
                                seen0 // C, seen0, NO if cb0 is None else cb0, C, weight.stride(0),
+                               min(triton.next_power_of_2(NB), 1024),  # the autotune key: prompt length bucket
                                q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0),
                                v_new.stride(1), 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK, SHARED=shared,
                                READ_BLOCK=read_block, PREC=prec, LOWP=lowp, HAS_OLD=NO > 0, **extra)

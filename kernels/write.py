@@ -47,7 +47,7 @@ def _store_kernel(IDX, KO, VO, SO, PO, KN, VN, SN, CK, CV, CS, CP, BKT, BVL, BS,
     if p < NCB:
         r = p * BR + tl.arange(0, BR)
         mr = r < M
-        src = tl.load(IDX + h * s_idx + r, mask=mr, other=-1)
+        src = tl.load(IDX + h * s_idx + r, mask=mr, other=-1).to(tl.int32)
         old = mr & (src >= 0) & (src < NO)
         new = mr & (src >= NO)
         t = src - NO
@@ -74,6 +74,7 @@ def _store_kernel(IDX, KO, VO, SO, PO, KN, VN, SN, CK, CV, CS, CP, BKT, BVL, BS,
         k = k.to(tl.float32)
         k = k * tl.rsqrt(tl.sum(k * k, 1) + 1e-6)[:, None]
         v = tl.load(VN + t[:, None] * sv_t + h * sv_h + rv[None, :], mask=w[:, None] & mv[None, :], other=0.)
+        v = v.to(tl.float32)
         tl.store(BKT + (h * C + r[:, None]) * K + rk[None, :], k.to(BKT.dtype.element_ty), mask=w[:, None] & mk[None, :])
         tl.store(BVL + (h * C + r[:, None]) * V + rv[None, :], v.to(BVL.dtype.element_ty), mask=w[:, None] & mv[None, :])
         s = tl.load(SN + t * ss_t + h * ss_h, mask=w, other=float('-inf'))
@@ -99,7 +100,7 @@ def store_state(mem: dict, n: int, idx: torch.Tensor | None, k_old, v_old, s_old
     BR = 16
     ncb = triton.cdiv(M, BR) if (idx is not None and M) else 0
     _store_kernel[(ncb + triton.cdiv(C, BR), HV)](
-        idx if idx is not None else mem['seen'], k_old, v_old, s_old, p_old, k, v, score,
+        idx if idx is not None else torch.empty(0, dtype=torch.int32, device=k.device), k_old, v_old, s_old, p_old, k, v, score,
         mem['cache_k'][n], mem['cache_v'][n], mem['cache_score'][n], mem['cache_pos'][n],
         mem['block_k'][n], mem['block_v'][n], mem['block_score'][n], mem['seen'][n:],
         idx.stride(0) if idx is not None else 0, NO, s_old.stride(0), M, L, seen0, seen1, start, L - (fill1 - start), fill1, ncb,

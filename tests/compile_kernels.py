@@ -1,0 +1,50 @@
+"""Compile every Triton kernel of the package for a Hopper GPU (sm_90) on a machine without one.
+
+The interpreter (TRITON_INTERPRET=1, how CI runs the kernels) does not type-check what the compiler does,
+e.g. a variable that is int64 in one branch of a runtime `if` and int32 in the other. Run without
+TRITON_INTERPRET; the argument types follow the host wrappers' launches (bf16 model tensors)."""
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hola_retrofit.kernels import read, select, write
+
+TARGET = GPUTarget('cuda', 90, 32)
+FLOATS = ('eps', 'eps_l2', 'scale')
+
+
+def compile_kernel(fn, ptrs: dict, consts: dict) -> None:
+    fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+    sig = {n: 'constexpr' if n in consts else ptrs.get(n, 'fp32' if n in FLOATS else 'i32') for n in fn.arg_names}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET)
+    print(fn.__name__, {k: v for k, v in consts.items() if k in ('HAS_OLD', 'STEP', 'HAS_POS', 'RESET')}, 'ok')
+
+
+def main():
+    bf = '*bf16'
+    for has_old in (False, True):
+        compile_kernel(read._prefill_read_kernel,
+                       dict(Q=bf, KO=bf, VO=bf, KN=bf, VN=bf, OST=bf, OUT=bf, IDX='*i32', CNT='*i32', W='*fp32'),
+                       dict(G=1, K=256, V=512, BQ=64, BK=256, BN=32, BV=256, SHARED=True, READ_BLOCK=True,
+                            PREC='tf32', LOWP=True, HAS_OLD=has_old))
+    for step in (0, 1, 2):
+        compile_kernel(read._decode_kernel,
+                       dict(Q=bf, KR=bf, VR=bf, CK=bf, CV=bf, BKT=bf, BVL=bf, OUT=bf, A_RAW=bf, BETA=bf, SC='*fp32',
+                            ST='*fp32', A_LOG='*fp32', DT_BIAS='*fp32', SEEN='*i64', CS='*fp32', CP='*i64',
+                            BS='*fp32', RANK='*i32', OST='*fp32', W='*fp32'),
+                       dict(G=2, K=128, V=256, M=64, C=64, BK=128, BV=256, BC=64, BN=64, SHARED=True,
+                            READ_BLOCK=True, SURPRISE=True, STEP=step, NEG=False))
+    for has_pos in (False, True):
+        compile_kernel(select._select_kernel, dict(ORD='*i64', POS='*i64', OUT='*i32', CNT='*i32'),
+                       dict(HAS_POS=has_pos, BT=512, BM=128))
+    for reset in (False, True):
+        compile_kernel(write._store_kernel,
+                       dict(IDX='*i32', KO=bf, VO=bf, SO='*fp32', PO='*i64', KN=bf, VN=bf, SN='*fp32', CK=bf, CV=bf,
+                            CS='*fp32', CP='*i64', BKT=bf, BVL=bf, BS='*fp32', SEEN='*i64'),
+                       dict(G=1, K=256, V=512, C=64, BK=256, BV=512, BR=16, RESET=reset))
+    compile_kernel(write._row_norm_kernel, dict(X=bf, OUT='*fp32'), dict(D=512, BR=8, BD=512))
+
+
+if __name__ == '__main__':
+    main()
