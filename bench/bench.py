@@ -137,7 +137,7 @@ def read_kernel_roofline(T, M, dev, reps):
     t_sel = timed(lambda: select_caches(score.t(), None, 0, T // C, M, C), reps)
     k_old, v_old = torch.zeros(HV, 0, K, device=dev, dtype=bf), torch.zeros(HV, 0, V, device=dev, dtype=bf)
     weight = packed_weight(params)
-    t = timed(lambda: prefill_read(q, k_old, v_old, k, v, idx, cnt, 0, ost, weight, 0.0625, True, C, score), reps)
+    t = timed(lambda: prefill_read(q, k_old, v_old, k, v, idx, cnt, 0, ost, weight, 0.0625, True, C), reps)
     t_all = timed(lambda: memory_prefill_fused(empty_memory(1, HV, K, V, cfg, bf, torch.device(dev)), 0, q, k, v,
                                                score, ost, params, cfg, 0.0625, out=torch.empty_like(ost),
                                                fresh=True), reps)

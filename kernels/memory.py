@@ -64,8 +64,7 @@ def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dic
     idx, cnt = select_caches(cand_s, cand_p, b0, n_blocks, M, C, cfg.eviction, by_pos=by_pos)
     weight = packed_weight(params)
     out = prefill_read(q, k_old, v_old, k, v, idx, cnt, seen0, o_state, weight, scale, cfg.read_rule == 'shared', C,
-                       score, s_old, p_old, cfg.read_block, cfg.norm_eps, out, cb0=None if fresh else M,
-                       eviction=cfg.eviction)
+                       cfg.read_block, cfg.norm_eps, out, cb0=None if fresh else M)
     store_state(mem, n, idx[:, b1 - b0] if b1 > b0 else None, k_old, v_old, s_old, p_old, k, v, score, seen0)
     return out
 

@@ -31,7 +31,7 @@ def _autotune(configs, key):
 
 
 _CONFIGS = [triton.Config({'BN': bn, 'BV': bv}, num_warps=w, num_stages=st)
-            for bn in (32, 64) for bv in (128, 256) for w in (4, 8) for st in (2, 3)]
+            for bn in (32, 64) for bv in (256, 512) for w in (4, 8) for st in (2, 3)]
 
 
 @triton.jit
@@ -77,52 +77,20 @@ def _params(W, h, sw, rk, mk, K: tl.constexpr):
     return gq * gk, tl.load(W + h * sw + 2 * K).to(tl.float32), tl.load(W + h * sw + 2 * K + 1).to(tl.float32)
 
 
-@triton.jit
-def _beats(sa, pa, sb, pb, SURPRISE: tl.constexpr):
-    """Priority a > b: (score desc, position asc), or position desc for recency."""
-    if SURPRISE:
-        return (sa > sb) | ((sa == sb) & (pa < pb))
-    return pa > pb
-
-
-@triton.jit
-def _priority(SO, PO, SN, h, rows, valid, NO, s_old, ss_t, ss_h, seen0, HAS_OLD: tl.constexpr):
-    """(score, position) of candidates `rows`: earlier ones (< NO) from SO/PO [HV, row stride s_old], new token
-    i - NO from SN (strided) at position seen0 + i - NO."""
-    new = valid & (rows >= NO)
-    s = tl.load(SN + (rows - NO) * ss_t + h * ss_h, mask=new, other=0.)
-    p = (seen0 + rows - NO).to(tl.int64)
-    if HAS_OLD:
-        old = valid & (rows < NO)
-        s = tl.where(old, tl.load(SO + h * s_old + rows, mask=old, other=0.), s)
-        p = tl.where(old, tl.load(PO + h * s_old + rows, mask=old, other=0), p)
-    return s, p
-
-
 @_autotune(_CONFIGS, key=['K', 'V', 'BQ', 'BK', 'G', 'HAS_OLD', 'NB_KEY'])
 @triton.jit
-def _prefill_read_kernel(Q, KO, VO, KN, VN, SO, PO, SN, IDX, CNT, OST, OUT, W, NO, NB, NBS, M, L, b0, seen0, CB0, C,
-                         sw, s_old, NB_KEY, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, ss_t, ss_h, eps_l2, eps, scale,
+def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, OST, OUT, W, NO, NBS, M, L, b0, seen0, CB0, C, sw, NB_KEY,
+                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, eps_l2, eps, scale,
                          G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                          BN: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr, READ_BLOCK: tl.constexpr,
-                         SURPRISE: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, HAS_OLD: tl.constexpr):
-    """Program (g, h, iv): the query blocks j0 = 2g and j1 = 2g + 1 (rows [0, BQ) and [BQ, 2 BQ) of the tile)
-    over one list of keys: the cache of j0, the candidates of block j0, the tokens of block j1. A row of j1
-    sees an entry of the first two parts iff it is in the cache of j1, which is a subset of them: those
-    ranking at or above the last member of j1's cache (every one, if that cache is not full)."""
-    g, h, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                         PREC: tl.constexpr, LOWP: tl.constexpr, HAS_OLD: tl.constexpr):
+    j, h, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HV = tl.num_programs(1)
     hk = h // G  # the q/k head of this value head
-    j0 = 2 * g
-    j1 = j0 + 1
-    qs0 = tl.maximum((b0 + j0) * C - seen0, 0)  # the blocks' rows of the input (j1's empty past the end)
-    qe0 = tl.minimum((b0 + j0 + 1) * C - seen0, L)
-    qs1 = tl.minimum(tl.maximum((b0 + j1) * C - seen0, 0), L)
-    qe1 = tl.minimum((b0 + j1 + 1) * C - seen0, L)
-    r = tl.arange(0, 2 * BQ)
-    in1 = r >= BQ
-    rq = tl.where(in1, qs1 + r - BQ, qs0 + r)
-    mq = tl.where(in1, rq < qe1, rq < qe0)
+    qs = tl.maximum((b0 + j) * C - seen0, 0)  # this block's rows of the input
+    qe = tl.minimum((b0 + j + 1) * C - seen0, L)
+    rq = qs + tl.arange(0, BQ)
+    mq = rq < qe
     rk = tl.arange(0, BK)
     mk = rk < K
     rv = iv * BV + tl.arange(0, BV)
@@ -134,47 +102,29 @@ def _prefill_read_kernel(Q, KO, VO, KN, VN, SO, PO, SN, IDX, CNT, OST, OUT, W, N
     q = q * (_unit_rms(tl.sum(q * q, 1), eps_l2, eps, K) / tl.sqrt(K * 1.0))[:, None] * gqk[None, :]
     if LOWP:  # bf16/fp16 operands for both dots, float32 accumulation (flash-attention style)
         q = q.to(VN.dtype.element_ty)
-    m_i = tl.zeros([2 * BQ], dtype=tl.float32) + sink
-    l_i = tl.zeros([2 * BQ], dtype=tl.float32) + 1.0
-    acc = tl.zeros([2 * BQ, BV], dtype=tl.float32)
-    # j1's cache: every candidate before block j1 ranking at or above (s_th, p_th)
-    n1 = tl.load(CNT + h * NBS + j1, mask=j1 < NB, other=0)
-    last1 = tl.load(IDX + (h * NBS + j1) * M + tl.maximum(n1 - 1, 0), mask=(j1 < NB) & (n1 > 0), other=0)
-    s_th, p_th = _priority(SO, PO, SN, h, last1, n1 > 0, NO, s_old, ss_t, ss_h, seen0, HAS_OLD)
-    full1 = n1 >= M  # else every earlier candidate is in it (none if M == 0)
-    # 1. the cache of j0: a gathered list of candidate indices
-    n0 = tl.load(CNT + h * NBS + j0)
-    for t in range(0, n0, BN):
+    m_i = tl.zeros([BQ], dtype=tl.float32) + sink
+    l_i = tl.zeros([BQ], dtype=tl.float32) + 1.0
+    acc = tl.zeros([BQ, BV], dtype=tl.float32)
+    # the cache of this block: a gathered list of candidate indices
+    n_cache = tl.load(CNT + h * NBS + j)
+    for t in range(0, n_cache, BN):
         rn = t + tl.arange(0, BN)
-        valid = rn < n0
-        idx = tl.load(IDX + (h * NBS + j0) * M + rn, mask=valid, other=0)
+        valid = rn < n_cache
+        idx = tl.load(IDX + (h * NBS + j) * M + rn, mask=valid, other=0)
         k = _load_rows(KO, KN, h, hk, idx, valid, NO, sk_t, sk_h, rk, mk, K, HAS_OLD)
         v = _load_rows(VO, VN, h, h, idx, valid, NO, sv_t, sv_h, rv, mv, V, HAS_OLD)
-        s, p = _priority(SO, PO, SN, h, idx, valid, NO, s_old, ss_t, ss_h, seen0, HAS_OLD)
-        c1 = (M > 0) & (~full1 | _beats(s, p, s_th, p_th, SURPRISE) | (p == p_th))
-        vis = valid[None, :] & (~in1[:, None] | c1[None, :])
-        m_i, l_i, acc = _attend(q, k, v, vis, m_i, l_i, acc, eps_l2, eps, K, PREC)
-    # 2. block j0's candidates (the partial block first, first block only): causal for j0, the cache for j1
-    cb = tl.where(j0 == 0, CB0, NO + qs0)
-    last = NO + qe0
-    for t in range(0, last - cb, BN):
-        rn = cb + t + tl.arange(0, BN)
-        valid = rn < last
-        k = _load_rows(KO, KN, h, hk, rn, valid, NO, sk_t, sk_h, rk, mk, K, HAS_OLD)
-        v = _load_rows(VO, VN, h, h, rn, valid, NO, sv_t, sv_h, rv, mv, V, HAS_OLD)
-        s, p = _priority(SO, PO, SN, h, rn, valid, NO, s_old, ss_t, ss_h, seen0, HAS_OLD)
-        c1 = (M > 0) & (~full1 | _beats(s, p, s_th, p_th, SURPRISE) | (p == p_th))
-        vis = valid[None, :] & ((~in1[:, None] & (rn[None, :] <= (NO + rq)[:, None]) & READ_BLOCK)
-                                | (in1[:, None] & c1[None, :]))
-        m_i, l_i, acc = _attend(q, k, v, vis, m_i, l_i, acc, eps_l2, eps, K, PREC)
-    # 3. block j1's tokens, causal
+        m_i, l_i, acc = _attend(q, k, v, valid[None, :], m_i, l_i, acc, eps_l2, eps, K, PREC)
     if READ_BLOCK:
-        for t in range(0, qe1 - qs1, BN):
-            rn = NO + qs1 + t + tl.arange(0, BN)
-            valid = rn < NO + qe1
-            k = _load_rows(KO, KN, h, hk, rn, valid, NO, sk_t, sk_h, rk, mk, K, HAS_OLD)
-            v = _load_rows(VO, VN, h, h, rn, valid, NO, sv_t, sv_h, rv, mv, V, HAS_OLD)
-            vis = valid[None, :] & in1[:, None] & (rn[None, :] <= (NO + rq)[:, None])
+        # the own block, causal: earlier candidates of the block (the partial block, first block only), then
+        # the new tokens up to the row itself
+        cb = tl.where(j == 0, CB0, NO + qs)
+        last = NO + qe  # one past the last visible candidate of the block
+        for t in range(0, last - cb, BN):
+            rn = cb + t + tl.arange(0, BN)
+            inb = rn < last
+            k = _load_rows(KO, KN, h, hk, rn, inb, NO, sk_t, sk_h, rk, mk, K, HAS_OLD)
+            v = _load_rows(VO, VN, h, h, rn, inb, NO, sv_t, sv_h, rv, mv, V, HAS_OLD)
+            vis = inb[None, :] & (rn[None, :] <= (NO + rq)[:, None])
             m_i, l_i, acc = _attend(q, k, v, vis, m_i, l_i, acc, eps_l2, eps, K, PREC)
     w0 = tl.exp(sink - m_i) / l_i
     read = acc / l_i[:, None] * scale
@@ -200,19 +150,17 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  idx: torch.Tensor, cnt: torch.Tensor, seen0: int, o_state: torch.Tensor, weight: torch.Tensor,
-                 scale: float, shared: bool, block_size: int, score: torch.Tensor, s_old: torch.Tensor | None = None,
-                 p_old: torch.Tensor | None = None, read_block: bool = True, eps: float = 1e-6,
-                 out: torch.Tensor | None = None, cb0: int | None = None, eviction: str = 'surprise') -> torch.Tensor:
+                 scale: float, shared: bool, block_size: int, read_block: bool = True, eps: float = 1e-6,
+                 out: torch.Tensor | None = None, cb0: int | None = None) -> torch.Tensor:
     """The read of L new tokens at positions seen0 .. seen0 + L - 1 of one sequence, block by block.
 
     Raw queries q [L, H, K] and new keys k_new [L, H, K] (before the L2 norm; value head h reads q/k head
-    h // (HV / H)), new values v_new [L, HV, V] and their scores [L, HV]; the earlier candidates k_old
-    [HV, NO, K] (unit-L2), v_old [HV, NO, V], their scores and positions s_old, p_old [HV, >= NO] (NO = 0:
-    none, a fresh memory); candidate i >= NO is new token i - NO. idx [HV, NBS, M] and cnt [HV, NBS] from
-    select_caches, row j for the block of position (seen0 // C + j) * C; the own-block read of the first
-    block starts at candidate cb0 (default NO: no earlier candidates of that block). weight [HV, 2K + 2]:
-    the packed memory parameters (MemoryParams.weight). o_state [L, HV, V]; `out` (default: a new float32
-    tensor; may be o_state itself) gets the output."""
+    h // (HV / H)), new values v_new [L, HV, V]; the earlier candidates k_old [HV, NO, K] (unit-L2), v_old
+    [HV, NO, V] (NO = 0: none, a fresh memory); candidate i >= NO is new token i - NO. idx [HV, NBS, M] and
+    cnt [HV, NBS] from select_caches, row j for the block of position (seen0 // C + j) * C; the own-block
+    read of the first block starts at candidate cb0 (default NO: no earlier candidates of that block).
+    weight [HV, 2K + 2]: the packed memory parameters (MemoryParams.weight). o_state [L, HV, V]; `out`
+    (default: a new float32 tensor; may be o_state itself) gets the output."""
     L, H, K = q.shape
     HV, NO = k_old.shape[0], k_old.shape[1]
     V = v_new.shape[-1]
@@ -220,24 +168,28 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
     NB = (seen0 + L - 1) // C - seen0 // C + 1  # query blocks
     assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == weight.stride(-1) == 1
     assert o_state.is_contiguous() and k_old.is_contiguous() and v_old.is_contiguous()
-    if NO == 0:  # never read; typed placeholders
-        s_old, p_old = score, idx.new_empty(1, 1, dtype=torch.long)
     out = _empty(L, HV, V, device=q.device) if out is None else out
     BQ, BK = _pow2(block_size), _pow2(K)
     prec = 'ieee' if v_new.dtype == torch.float32 else 'tf32'
     # Triton 3.9's interpreter computes bf16 dots wrongly (numpy has no bf16): float32 dots there
     lowp = v_new.dtype != torch.float32 and not INTERPRET
     extra = {} if TUNE else {'BN': 32, 'BV': _pow2(min(V, 64))}
-    grid = lambda meta: (triton.cdiv(NB, 2), HV, triton.cdiv(V, meta['BV']))  # noqa: E731
-    _prefill_read_kernel[grid](q, k_old, v_old, k_new, v_new, s_old, p_old, score, idx, cnt, o_state, out, weight, NO,
-                               NB, idx.shape[1], M, L, seen0 // C, seen0, NO if cb0 is None else cb0, C,
-                               weight.stride(0), s_old.stride(0),
+    grid = lambda meta: (NB, HV, triton.cdiv(V, meta['BV']))  # noqa: E731
+    _prefill_read_kernel[grid](q, k_old, v_old, k_new, v_new, idx, cnt, o_state, out, weight, NO, idx.shape[1], M, L,
+                               seen0 // C, seen0, NO if cb0 is None else cb0, C, weight.stride(0),
                                min(triton.next_power_of_2(NB), 1024),  # the autotune key: prompt length bucket
                                q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0),
-                               v_new.stride(1), score.stride(0), score.stride(1), 1e-6, eps, scale, G=HV // H, K=K,
-                               V=V, BQ=BQ, BK=BK, SHARED=shared, READ_BLOCK=read_block,
-                               SURPRISE=eviction == 'surprise', PREC=prec, LOWP=lowp, HAS_OLD=NO > 0, **extra)
+                               v_new.stride(1), 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK, SHARED=shared,
+                               READ_BLOCK=read_block, PREC=prec, LOWP=lowp, HAS_OLD=NO > 0, **extra)
     return out
+
+
+@triton.jit
+def _beats(sa, pa, sb, pb, SURPRISE: tl.constexpr):
+    """Priority a > b: (score desc, position asc), or position desc for recency."""
+    if SURPRISE:
+        return (sa > sb) | ((sa == sb) & (pa < pb))
+    return pa > pb
 
 
 @triton.jit
