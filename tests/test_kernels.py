@@ -78,12 +78,13 @@ SHAPES = [  # HV, H, K, V, M, C, splits
 ]
 
 
-@pytest.mark.parametrize('rule', ['shared', 'gated'])
+@pytest.mark.parametrize('rule,eviction,read_block', [('shared', 'surprise', True), ('gated', 'surprise', True),
+                                                      ('shared', 'recency', True), ('shared', 'surprise', False)])
 @pytest.mark.parametrize('shape', SHAPES)
 @torch.no_grad()
-def test_prefill_kernel_equals_reference(shape, rule):
+def test_prefill_kernel_equals_reference(shape, rule, eviction, read_block):
     HV, H, K, V, M, C, splits = shape
-    cfg = MemoryConfig(cache_size=M, block_size=C, read_rule=rule)
+    cfg = MemoryConfig(cache_size=M, block_size=C, read_rule=rule, eviction=eviction, read_block=read_block)
     L = sum(splits)
     q, k, v, score, o_state, params = _inputs(L, HV, K, V, seed=L + M, H=H)
     mem_ref = empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV))
