@@ -1,5 +1,6 @@
 """The memory's fused path: same inputs, outputs and memory state as `adapters/reference.memory_forward`,
-computed with the selection of `select.py` and the Triton reads of `read.py`.
+computed with the selection of `select.py`, the Triton reads and decode step of `read.py` and the
+state writes of `write.py`.
 
 Used without autograd on CUDA tensors (and on CPU tensors when HOLA_KERNELS=1 under TRITON_INTERPRET=1,
 which is how CI tests it). With autograd on (calibration), the PyTorch reference runs instead: it is

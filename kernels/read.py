@@ -3,8 +3,9 @@ and the combination with the state output, in one pass.
 
 `prefill_read`: every query block of a prompt against its cache (a gathered list of candidates from
 `select.py`) and the causal part of its own block, reading raw q/k/v (normalised in the kernel).
-`decode_step`: one token per sequence in one launch: the write score from the previous state, the write
-into the block buffer, the read, the combination and, at a block end, the merge into the cache.
+`decode_step`: one token per sequence in one launch: the recurrent step of the state (GDN or DeltaNet, in
+place, with the write score), the write into the block buffer, the read, the combination and, at a block
+end, the merge into the cache.
 
 Both run compiled on CUDA (autotuned unless HOLA_AUTOTUNE=0) and under TRITON_INTERPRET=1 on CPU
 tensors (fixed tiles, float32 dots: the interpreter's bf16 dot is wrong in Triton 3.9).
