@@ -30,10 +30,11 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, reps, all_times=None):
+def timed(fn, reps, all_times=None, warm=True):
     """Median wall time of `reps` calls after one warm-up (CUDA-synchronised); `all_times` gets every one."""
-    fn()
-    sync()
+    if warm:
+        fn()
+        sync()
     times = [] if all_times is None else all_times
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -55,11 +56,12 @@ def build_base(small, dev, dtype):
 def measure(model, T, dev, reps, decode_steps, vocab):
     ids = torch.randint(3, vocab, (1, T), device=dev)
     model(ids, use_cache=True, logits_to_keep=1)  # compiles and autotunes (its buffers) outside the peak
+    sync()
     if dev == 'cuda':
         torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
     reps_s = []
-    t_prefill = timed(lambda: model(ids, use_cache=True, logits_to_keep=1), reps, reps_s)
+    t_prefill = timed(lambda: model(ids, use_cache=True, logits_to_keep=1), reps, reps_s, warm=False)
     out = model(ids, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     nxt = ids[:, -1:]
