@@ -117,13 +117,14 @@ class HolaMixin:
                                     params, self.hola, scale, state=step).reshape(v.shape)
             recurrent = step['S']
         else:
-            o, score, recurrent = state_forward(
+            o, score, recurrent, k_rstd = state_forward(
                 self.kind, q, k, v, beta, a, getattr(self, 'A_log', None), getattr(self, 'dt_bias', None),
                 self.allow_neg_eigval, previous, cu_seqlens)
             if fused:  # the kernels normalise raw q/k themselves and write into the state output in place
                 for n, (b, s, e) in enumerate(seqs):
                     memory_prefill_fused(mem, n, q[b, s:e], k[b, s:e], v[b, s:e], score[b, s:e], o[b, s:e], params,
-                                         self.hola, scale, out=o[b, s:e], fresh=fresh)
+                                         self.hola, scale, out=o[b, s:e], fresh=fresh,
+                                         k_rstd=None if k_rstd is None else k_rstd[b, s:e])
             else:
                 o_state, o = o, torch.empty_like(o)
                 qn, kn = expand_heads(l2_normalize(q), HV), expand_heads(l2_normalize(k), HV)

@@ -20,15 +20,16 @@ from .reference import delta_rule_with_score
 
 def state_forward(kind: str, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval: bool,
                   initial_state, cu_seqlens):
-    """Returns o [B, T, HV, V] (scaled by d_k^-0.5, fla's output), score [B, T, HV] float32, final state.
+    """Returns o [B, T, HV, V] (scaled by d_k^-0.5, fla's output), score [B, T, HV] float32, the final state
+    and the rstd of k's L2 norm [B, T, H] (float32; None where the path does not compute it).
 
     kind: 'gdn' or 'deltanet'. For DeltaNet, `beta_raw` is already beta (fla's layer applies the
     sigmoid itself) and `a_raw`, `A_log`, `dt_bias` are None."""
     if q.is_cuda:
         return _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
                                    initial_state, cu_seqlens)
-    return _state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                                    initial_state, cu_seqlens)
+    return (*_state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+                                      initial_state, cu_seqlens), None)
 
 
 def _beta(kind, beta_raw, allow_neg_eigval):
@@ -63,13 +64,13 @@ def _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_ne
     scale = K ** -0.5
     n_seq = B if cu_seqlens is None else len(cu_seqlens) - 1
     if B * T == n_seq and initial_state is not None and not torch.is_grad_enabled():
-        return _decode_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                            initial_state, cu_seqlens, scale)
+        return (*_decode_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+                              initial_state, cu_seqlens, scale), None)
     if torch.is_grad_enabled():
         # autograd through fla's own function; the score (a selection key, never differentiated)
         # comes from a second, gradient-free pass.
         with torch.no_grad():
-            _, score, _ = _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
+            _, score, _, _ = _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
                                       initial_state, cu_seqlens, scale)
         if kind == 'gdn' and gdn_backward_problem():
             o, final = _torch_chunk_gdn(q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state,
@@ -77,7 +78,7 @@ def _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_ne
         else:
             o, final = _fla_chunk(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
                                   initial_state, cu_seqlens)
-        return o, score, final
+        return o, score, final, None
     return _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
                        initial_state, cu_seqlens, scale)
 
@@ -131,7 +132,8 @@ def _fla_chunk(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
 
 def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens,
                 scale, chunk_size: int = 64):
-    """fla's chunked forward, step for step as `chunk_(gated_)delta_rule` runs it, keeping v_new."""
+    """fla's chunked forward, step for step as `chunk_(gated_)delta_rule` runs it, keeping v_new (the score)
+    and k's rstd (the memory's key factors)."""
     from fla.modules.l2norm import l2norm_fwd
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
     from fla.ops.common.chunk_o import chunk_fwd_o
@@ -139,7 +141,7 @@ def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval
 
     chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
     q, _ = l2norm_fwd(q)
-    k, _ = l2norm_fwd(k)
+    k, k_rstd = l2norm_fwd(k)
     if kind == 'gdn':
         from fla.ops.common.gate import fused_beta_sigmoid
         from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
@@ -164,7 +166,7 @@ def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval
                                                    chunk_size=chunk_size)
     o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, cu_seqlens=cu_seqlens,
                     chunk_indices=chunk_indices, state_v_first=v_first, chunk_size=chunk_size)
-    return o.to(v.dtype), row_norm(v_new), final
+    return o.to(v.dtype), row_norm(v_new), final, k_rstd
 
 
 def _decode_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens,

@@ -2,7 +2,9 @@
 and the combination with the state output, in one pass.
 
 `prefill_read`: every query block of a prompt against its cache (a gathered list of candidates from
-`select.py`) and the causal part of its own block, reading raw q/k/v (normalised in the kernel).
+`select.py`) and the causal part of its own block, reading raw q/k/v in place: queries are normalised in the
+kernel, keys scaled by a factor from their L2-norm rstd (the model passes fla's; the loop then loads each key
+tile only for the dot, so Triton pipelines the gathers as asynchronous copies).
 `decode_step`: one token per sequence in one launch: the recurrent step of the state (GDN or DeltaNet, in
 place, with the write score), the write into the block buffer, the read, the combination and, at a block
 end, the merge into the cache.
@@ -31,10 +33,6 @@ def _autotune(configs, key):
     return triton.autotune(configs=configs, key=key)
 
 
-_CONFIGS = [triton.Config({'BN': bn, 'BV': bv}, num_warps=w, num_stages=st)
-            for bn in (32, 64) for bv in (256, 512) for w in (4, 8) for st in (2, 3)]
-
-
 @triton.jit
 def _unit_rms(s2, eps_l2, eps, K: tl.constexpr):
     """The factor f with rms(l2_normalize(x)) = f * x, from s2 = sum(x^2) (fla's L2 norm, then RMSNorm)."""
@@ -43,28 +41,51 @@ def _unit_rms(s2, eps_l2, eps, K: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(OLD, NEW, h, hn, rows, valid, NO, s_t, s_h, cols, mcol, D: tl.constexpr, HAS_OLD: tl.constexpr):
-    """Candidate rows [len(rows), len(cols)]: index < NO from OLD [HV, NO, D], else row index - NO of NEW
-    (strided: token stride s_t, head hn at offset hn * s_h)."""
-    new = valid & (rows >= NO)
-    x = tl.load(NEW + (rows - NO)[:, None] * s_t + hn * s_h + cols[None, :], mask=new[:, None] & mcol[None, :],
-                other=0.)
-    if HAS_OLD:
-        x += tl.load(OLD + (h * NO + rows[:, None]) * D + cols[None, :],
-                     mask=(valid & (rows < NO))[:, None] & mcol[None, :], other=0.).to(x.dtype)
-    return x
+def _key_factor(r, eps_l2, eps, K: tl.constexpr):
+    """The factor f with rms(l2_normalize(x)) = f * x, from r = 1 / sqrt(sum(x^2) + eps_l2), the L2 norm's
+    rstd (fla's l2norm_fwd returns it): the unit vector has sum of squares 1 - eps_l2 r^2."""
+    return r * tl.rsqrt((1.0 - eps_l2 * r * r) / K + eps)
 
 
 @triton.jit
-def _attend(q, k, v, mask, m_i, l_i, acc, eps_l2, eps, K: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step of queries q [BQ, BK] over raw keys k [BN, BK] (their RMS-of-unit factor is
-    computed here from the loaded rows) and values v [BN, BV]."""
-    kf = _unit_rms(tl.sum(k.to(tl.float32) * k.to(tl.float32), 1), eps_l2, eps, K)
+def _rows(OLD, NEW, h, hn, rows, NO, s_t, s_h, cols, D: tl.constexpr, HAS_OLD: tl.constexpr):
+    """Pointers to candidate rows [len(rows), len(cols)]: index < NO in OLD [HV, NO, D], else row index - NO
+    of NEW (token stride s_t, head hn at offset hn * s_h). One load through these pointers (not one per
+    source) keeps the loop's loads pipelinable (asynchronous copies into shared memory)."""
+    p = NEW + (rows - NO)[:, None] * s_t + hn * s_h + cols[None, :]
+    if HAS_OLD:
+        p = tl.where((rows < NO)[:, None], OLD + (h * NO + rows[:, None]) * D + cols[None, :], p)
+    return p
+
+
+@triton.jit
+def _rstd(RO, RN, h, hn, rows, NO, s_t, HAS_OLD: tl.constexpr):
+    """Pointers to the rstd of candidate rows: RO [HV, NO] for index < NO, else RN [L, H] (token stride s_t)."""
+    p = RN + (rows - NO) * s_t + hn
+    if HAS_OLD:
+        p = tl.where(rows < NO, RO + h * NO + rows, p)
+    return p
+
+
+@triton.jit
+def _candidates(KO, VO, KN, VN, RO, RN, h, hk, rows, ok, NO, sk_t, sk_h, sv_t, sv_h, sr_t, rk, mk, rv, mv, eps_l2,
+                eps, K: tl.constexpr, V: tl.constexpr, HAS_OLD: tl.constexpr):
+    """Keys [len(rows), BK], values [len(rows), BV] and key factors of candidate rows (where ok)."""
+    k = tl.load(_rows(KO, KN, h, hk, rows, NO, sk_t, sk_h, rk, K, HAS_OLD), mask=ok[:, None] & mk[None, :], other=0.)
+    v = tl.load(_rows(VO, VN, h, h, rows, NO, sv_t, sv_h, rv, V, HAS_OLD), mask=ok[:, None] & mv[None, :], other=0.)
+    kf = _key_factor(tl.load(_rstd(RO, RN, h, hk, rows, NO, sr_t, HAS_OLD), mask=ok, other=0.), eps_l2, eps, K)
+    return k, v, kf
+
+
+@triton.jit
+def _attend(q, k, v, kf, mask, m_i, l_i, acc, PREC: tl.constexpr):
+    """One online-softmax step (base 2) of queries q [BQ, BK] over keys k [BN, BK] with their factors kf [BN]
+    and values v [BN, BV]."""
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * kf[None, :]
     s = tl.where(mask, s, float('-inf'))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
@@ -78,10 +99,16 @@ def _params(W, h, sw, rk, mk, K: tl.constexpr):
     return gq * gk, tl.load(W + h * sw + 2 * K).to(tl.float32), tl.load(W + h * sw + 2 * K + 1).to(tl.float32)
 
 
-@_autotune(_CONFIGS, key=['K', 'V', 'BQ', 'BK', 'G', 'HAS_OLD', 'NB_KEY'])
+# the four fastest of 12 configs measured at 32k tokens, M 512, on an H100 (bench/read_kernel.py, docs/notes.md)
+_CONFIGS = [triton.Config({'BN': bn, 'BV': bv}, num_warps=w, num_stages=st)
+            for bn, bv, w, st in ((32, 256, 4, 2), (16, 256, 4, 3), (32, 512, 8, 2), (64, 256, 8, 2))]
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@_autotune(_CONFIGS, key=['K', 'V', 'M', 'BQ', 'BK', 'G', 'HAS_OLD', 'NB_KEY'])
 @triton.jit
-def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, OST, OUT, W, NO, NBS, M, L, b0, seen0, CB0, C, sw, NB_KEY,
-                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, eps_l2, eps, scale,
+def _prefill_read_kernel(Q, KO, VO, KN, VN, RO, RN, IDX, CNT, OST, OUT, W, NO, NBS, M, L, b0, seen0, CB0, C, sw,
+                         NB_KEY, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sr_t, eps_l2, eps, scale,
                          G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                          BN: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr, READ_BLOCK: tl.constexpr,
                          PREC: tl.constexpr, LOWP: tl.constexpr, HAS_OLD: tl.constexpr):
@@ -97,10 +124,12 @@ def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, OST, OUT, W, NO, NBS, M, L
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < V
     gqk, sink, gate = _params(W, h, sw, rk, mk, K)
-    # queries: l2 norm, RMSNorm, gamma_q * gamma_k and 1/sqrt(K) folded in; keys: raw, times their factor
+    sink = sink * LOG2E  # logits in base 2: exp2 in the softmax
+    # queries: l2 norm, RMSNorm, gamma_q * gamma_k, 1/sqrt(K) and log2(e) folded in; keys: raw, times their
+    # factor from the L2 norm's rstd
     q = tl.load(Q + rq[:, None] * sq_t + hk * sq_h + rk[None, :], mask=mq[:, None] & mk[None, :], other=0.)
     q = q.to(tl.float32)
-    q = q * (_unit_rms(tl.sum(q * q, 1), eps_l2, eps, K) / tl.sqrt(K * 1.0))[:, None] * gqk[None, :]
+    q = q * (_unit_rms(tl.sum(q * q, 1), eps_l2, eps, K) * (LOG2E / tl.sqrt(K * 1.0)))[:, None] * gqk[None, :]
     if LOWP:  # bf16/fp16 operands for both dots, float32 accumulation (flash-attention style)
         q = q.to(VN.dtype.element_ty)
     m_i = tl.zeros([BQ], dtype=tl.float32) + sink
@@ -112,9 +141,9 @@ def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, OST, OUT, W, NO, NBS, M, L
         rn = t + tl.arange(0, BN)
         valid = rn < n_cache
         idx = tl.load(IDX + (h * NBS + j) * M + rn, mask=valid, other=0)
-        k = _load_rows(KO, KN, h, hk, idx, valid, NO, sk_t, sk_h, rk, mk, K, HAS_OLD)
-        v = _load_rows(VO, VN, h, h, idx, valid, NO, sv_t, sv_h, rv, mv, V, HAS_OLD)
-        m_i, l_i, acc = _attend(q, k, v, valid[None, :], m_i, l_i, acc, eps_l2, eps, K, PREC)
+        k, v, kf = _candidates(KO, VO, KN, VN, RO, RN, h, hk, idx, valid, NO, sk_t, sk_h, sv_t, sv_h, sr_t, rk, mk, rv,
+                               mv, eps_l2, eps, K, V, HAS_OLD)
+        m_i, l_i, acc = _attend(q, k, v, kf, valid[None, :], m_i, l_i, acc, PREC)
     if READ_BLOCK:
         # the own block, causal: earlier candidates of the block (the partial block, first block only), then
         # the new tokens up to the row itself
@@ -123,11 +152,11 @@ def _prefill_read_kernel(Q, KO, VO, KN, VN, IDX, CNT, OST, OUT, W, NO, NBS, M, L
         for t in range(0, last - cb, BN):
             rn = cb + t + tl.arange(0, BN)
             inb = rn < last
-            k = _load_rows(KO, KN, h, hk, rn, inb, NO, sk_t, sk_h, rk, mk, K, HAS_OLD)
-            v = _load_rows(VO, VN, h, h, rn, inb, NO, sv_t, sv_h, rv, mv, V, HAS_OLD)
+            k, v, kf = _candidates(KO, VO, KN, VN, RO, RN, h, hk, rn, inb, NO, sk_t, sk_h, sv_t, sv_h, sr_t, rk, mk,
+                                   rv, mv, eps_l2, eps, K, V, HAS_OLD)
             vis = inb[None, :] & (rn[None, :] <= (NO + rq)[:, None])
-            m_i, l_i, acc = _attend(q, k, v, vis, m_i, l_i, acc, eps_l2, eps, K, PREC)
-    w0 = tl.exp(sink - m_i) / l_i
+            m_i, l_i, acc = _attend(q, k, v, kf, vis, m_i, l_i, acc, PREC)
+    w0 = tl.exp2(sink - m_i) / l_i
     read = acc / l_i[:, None] * scale
     io = (rq[:, None] * HV + h) * V + rv[None, :]
     ost = tl.load(OST + io, mask=mq[:, None] & mv[None, :], other=0.).to(tl.float32)
@@ -149,26 +178,37 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
+def rstd(x: torch.Tensor) -> torch.Tensor:
+    """1 / sqrt(sum(x^2) + 1e-6) over the last dimension, float32: the L2 norm's rstd, as fla's l2norm_fwd
+    returns it (the model's prefill passes fla's own; callers without one compute it here)."""
+    return x.float().square().sum(-1).add_(1e-6).rsqrt_()
+
+
 def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  idx: torch.Tensor, cnt: torch.Tensor, seen0: int, o_state: torch.Tensor, weight: torch.Tensor,
                  scale: float, shared: bool, block_size: int, read_block: bool = True, eps: float = 1e-6,
-                 out: torch.Tensor | None = None, cb0: int | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, cb0: int | None = None, r_new: torch.Tensor | None = None,
+                 r_old: torch.Tensor | None = None) -> torch.Tensor:
     """The read of L new tokens at positions seen0 .. seen0 + L - 1 of one sequence, block by block.
 
     Raw queries q [L, H, K] and new keys k_new [L, H, K] (before the L2 norm; value head h reads q/k head
     h // (HV / H)), new values v_new [L, HV, V]; the earlier candidates k_old [HV, NO, K] (unit-L2), v_old
-    [HV, NO, V] (NO = 0: none, a fresh memory); candidate i >= NO is new token i - NO. idx [HV, NBS, M] and
-    cnt [HV, NBS] from select_caches, row j for the block of position (seen0 // C + j) * C; the own-block
-    read of the first block starts at candidate cb0 (default NO: no earlier candidates of that block).
-    weight [HV, 2K + 2]: the packed memory parameters (MemoryParams.weight). o_state [L, HV, V]; `out`
-    (default: a new float32 tensor; may be o_state itself) gets the output."""
+    [HV, NO, V] (NO = 0: none, a fresh memory); candidate i >= NO is new token i - NO. r_new [L, H] and r_old
+    [HV, NO]: the keys' L2-norm rstd (`rstd`; computed here when not given). idx [HV, NBS, M] and cnt [HV, NBS]
+    from select_caches, row j for the block of position (seen0 // C + j) * C; the own-block read of the first
+    block starts at candidate cb0 (default NO: no earlier candidates of that block). weight [HV, 2K + 2]: the
+    packed memory parameters (MemoryParams.weight). o_state [L, HV, V]; `out` (default: a new float32 tensor;
+    may be o_state itself) gets the output."""
     L, H, K = q.shape
     HV, NO = k_old.shape[0], k_old.shape[1]
     V = v_new.shape[-1]
     C, M = block_size, idx.shape[2]
     NB = (seen0 + L - 1) // C - seen0 // C + 1  # query blocks
-    assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == weight.stride(-1) == 1
-    assert o_state.is_contiguous() and k_old.is_contiguous() and v_old.is_contiguous()
+    r_new = rstd(k_new) if r_new is None else r_new
+    r_old = rstd(k_old) if r_old is None else r_old
+    assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == weight.stride(-1) == r_new.stride(-1) == 1
+    assert o_state.is_contiguous() and k_old.is_contiguous() and v_old.is_contiguous() and r_old.is_contiguous()
+    assert k_old.dtype == k_new.dtype and v_old.dtype == v_new.dtype  # one load serves both sources
     out = _empty(L, HV, V, device=q.device) if out is None else out
     BQ, BK = _pow2(block_size), _pow2(K)
     prec = 'ieee' if v_new.dtype == torch.float32 else 'tf32'
@@ -176,12 +216,12 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
     lowp = v_new.dtype != torch.float32 and not INTERPRET
     extra = {} if TUNE else {'BN': 32, 'BV': _pow2(min(V, 64))}
     grid = lambda meta: (NB, HV, triton.cdiv(V, meta['BV']))  # noqa: E731
-    _prefill_read_kernel[grid](q, k_old, v_old, k_new, v_new, idx, cnt, o_state, out, weight, NO, idx.shape[1], M, L,
-                               seen0 // C, seen0, NO if cb0 is None else cb0, C, weight.stride(0),
-                               min(triton.next_power_of_2(NB), 1024),  # the autotune key: prompt length bucket
+    _prefill_read_kernel[grid](q, k_old, v_old, k_new, v_new, r_old, r_new, idx, cnt, o_state, out, weight, NO,
+                               idx.shape[1], M, L, seen0 // C, seen0, NO if cb0 is None else cb0, C, weight.stride(0),
+                               min(triton.next_power_of_2(NB), 1024),  # autotune key, with M: prompt length bucket
                                q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0),
-                               v_new.stride(1), 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK, SHARED=shared,
-                               READ_BLOCK=read_block, PREC=prec, LOWP=lowp, HAS_OLD=NO > 0, **extra)
+                               v_new.stride(1), r_new.stride(0), 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK,
+                               SHARED=shared, READ_BLOCK=read_block, PREC=prec, LOWP=lowp, HAS_OLD=NO > 0, **extra)
     return out
 
 

@@ -25,7 +25,8 @@ def main():
     bf = '*bf16'
     for has_old in (False, True):
         compile_kernel(read._prefill_read_kernel,
-                       dict(Q=bf, KO=bf, VO=bf, KN=bf, VN=bf, OST=bf, OUT=bf, IDX='*i32', CNT='*i32', W='*fp32'),
+                       dict(Q=bf, KO=bf, VO=bf, KN=bf, VN=bf, OST=bf, OUT=bf, IDX='*i32', CNT='*i32', W='*fp32', RO='*fp32',
+                            RN='*fp32'),
                        dict(G=1, K=256, V=512, BQ=64, BK=256, BN=32, BV=256, SHARED=True, READ_BLOCK=True,
                             PREC='tf32', LOWP=True, HAS_OLD=has_old))
     for step in (0, 1, 2):

@@ -89,13 +89,16 @@ def test_prefill_kernel_equals_reference(shape, rule, eviction, read_block):
     q, k, v, score, o_state, params = _inputs(L, HV, K, V, seed=L + M, H=H)
     mem_ref = empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV))
     mem_fus = empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV))
+    # the keys' L2-norm rstd as the model passes it: a strided view of a [B, T, H]-like tensor (fla's l2norm_fwd)
+    k_rstd = torch.stack([torch.zeros(L, H, device=DEV), k.float().square().sum(-1).add(1e-6).rsqrt()], 1)[:, 1]
     i = 0
     for n in splits:
         sl = slice(i, i + n)
         a = memory_forward(mem_ref, 0, unit(q[sl], HV), unit(k[sl], HV), v[sl], score[sl], o_state[sl], params, cfg,
                            0.25)
         out = memory_prefill_fused(mem_fus, 0, q[sl], k[sl], v[sl], score[sl], o_state[sl], params, cfg, 0.25,
-                                   fresh=i == 0)  # the first call skips the (empty) earlier candidates
+                                   fresh=i == 0,  # the first call skips the (empty) earlier candidates
+                                   k_rstd=k_rstd[sl] if n % 2 else None)  # given, or computed by the kernels' host
         assert rel(out, a) < 1e-4, (shape, n)
         i += n
     for key in ('cache_v', 'cache_score', 'cache_pos', 'seen', 'block_score'):
