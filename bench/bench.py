@@ -124,7 +124,7 @@ def read_kernel_roofline(T, M, dev, reps):
     the prefill read kernel alone, and the whole fused prefill (selection + read + state update)."""
     from hola_retrofit.adapters.reference import empty_memory
     from hola_retrofit.kernels.memory import memory_prefill_fused, packed_weight
-    from hola_retrofit.kernels.read import prefill_read
+    from hola_retrofit.kernels.read import prefill_read, rstd
     from hola_retrofit.kernels.select import select_caches
     HV, K, V, C = 4, 256, 512, 64
     cfg = MemoryConfig(cache_size=M, block_size=C)
@@ -139,10 +139,11 @@ def read_kernel_roofline(T, M, dev, reps):
     t_sel = timed(lambda: select_caches(score.t(), None, 0, T // C, M, C), reps)
     k_old, v_old = torch.zeros(HV, 0, K, device=dev, dtype=bf), torch.zeros(HV, 0, V, device=dev, dtype=bf)
     weight = packed_weight(params)
-    t = timed(lambda: prefill_read(q, k_old, v_old, k, v, idx, cnt, 0, ost, weight, 0.0625, True, C), reps)
+    r = rstd(k)  # the model passes the rstd of fla's L2 norm of k
+    t = timed(lambda: prefill_read(q, k_old, v_old, k, v, idx, cnt, 0, ost, weight, 0.0625, True, C, r_new=r), reps)
     t_all = timed(lambda: memory_prefill_fused(empty_memory(1, HV, K, V, cfg, bf, torch.device(dev)), 0, q, k, v,
                                                score, ost, params, cfg, 0.0625, out=torch.empty_like(ost),
-                                               fresh=True), reps)
+                                               fresh=True, k_rstd=r), reps)
     # the autotuned kernels against the reference on the first 4096 tokens, with an active memory (sink 2)
     from hola_retrofit.adapters.fallbacks import l2_normalize
     from hola_retrofit.adapters.reference import memory_forward
