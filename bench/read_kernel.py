@@ -48,20 +48,11 @@ def params(sink: float, gamma: float, dev: str) -> dict:
 
 def launch(x: dict, weight: torch.Tensor, C: int, cfg: tuple, out: torch.Tensor) -> None:
     """The read kernel of a fresh prompt with one explicit tile config (no autotuning)."""
-    bn, bv, w, st = cfg[:4]
-    opts = dict(num_warps=w, num_stages=st, **({'maxnreg': cfg[4]} if len(cfg) > 4 else {}))
-    q, k, v = x['q'], x['k'], x['v']
-    T = q.shape[0]
-    NB, M = x['idx'].shape[1], x['idx'].shape[2]
-    empty = k.new_empty(HV, 0, K)
-    fn = read._prefill_read_kernel
-    fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
-    fn[(NB, HV, triton.cdiv(V, bv))](
-        q, empty, v.new_empty(HV, 0, V), k, v, x['r'].new_empty(HV, 0), x['r'], x['idx'], x['cnt'], x['ost'], out,
-        weight, 0, NB, M, T, 0, 0, 0, C, weight.stride(0), min(triton.next_power_of_2(NB), 1024), q.stride(0),
-        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), x['r'].stride(0), 1e-6, 1e-6, K ** -0.5,
-        G=1, K=K, V=V, BQ=C, BK=K, BN=bn, BV=bv, SHARED=True, READ_BLOCK=True, PREC='tf32', LOWP=True,
-        HAS_OLD=False, **opts)
+    config = dict(BN=cfg[0], BV=cfg[1], num_warps=cfg[2], num_stages=cfg[3],
+                  **({'maxnreg': cfg[4]} if len(cfg) > 4 else {}))
+    empty = x['k'].new_empty(HV, 0, K), x['v'].new_empty(HV, 0, V)
+    read.prefill_read(x['q'], *empty, x['k'], x['v'], x['idx'], x['cnt'], 0, x['ost'], weight, K ** -0.5, True, C,
+                      out=out, r_new=x['r'], config=config)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -188,35 +188,39 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
                  idx: torch.Tensor, cnt: torch.Tensor, seen0: int, o_state: torch.Tensor, weight: torch.Tensor,
                  scale: float, shared: bool, block_size: int, read_block: bool = True, eps: float = 1e-6,
                  out: torch.Tensor | None = None, cb0: int | None = None, r_new: torch.Tensor | None = None,
-                 r_old: torch.Tensor | None = None) -> torch.Tensor:
+                 config: dict | None = None) -> torch.Tensor:
     """The read of L new tokens at positions seen0 .. seen0 + L - 1 of one sequence, block by block.
 
     Raw queries q [L, H, K] and new keys k_new [L, H, K] (before the L2 norm; value head h reads q/k head
     h // (HV / H)), new values v_new [L, HV, V]; the earlier candidates k_old [HV, NO, K] (unit-L2), v_old
-    [HV, NO, V] (NO = 0: none, a fresh memory); candidate i >= NO is new token i - NO. r_new [L, H] and r_old
-    [HV, NO]: the keys' L2-norm rstd (`rstd`; computed here when not given). idx [HV, NBS, M] and cnt [HV, NBS]
+    [HV, NO, V] (NO = 0: none, a fresh memory); candidate i >= NO is new token i - NO. r_new [L, H]: the new
+    keys' L2-norm rstd (`rstd`; computed here when not given). idx [HV, NBS, M] and cnt [HV, NBS]
     from select_caches, row j for the block of position (seen0 // C + j) * C; the own-block read of the first
     block starts at candidate cb0 (default NO: no earlier candidates of that block). weight [HV, 2K + 2]: the
     packed memory parameters (MemoryParams.weight). o_state [L, HV, V]; `out` (default: a new float32 tensor;
-    may be o_state itself) gets the output."""
+    may be o_state itself) gets the output. `config` (e.g. {'BN': 32, 'BV': 256, 'num_warps': 4, 'num_stages': 2}):
+    explicit tiles and launch options instead of autotuning (benchmarks)."""
     L, H, K = q.shape
     HV, NO = k_old.shape[0], k_old.shape[1]
     V = v_new.shape[-1]
     C, M = block_size, idx.shape[2]
     NB = (seen0 + L - 1) // C - seen0 // C + 1  # query blocks
     r_new = rstd(k_new) if r_new is None else r_new
-    r_old = rstd(k_old) if r_old is None else r_old
+    r_old = rstd(k_old) if NO else r_new  # never read without earlier candidates
     assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == weight.stride(-1) == r_new.stride(-1) == 1
-    assert o_state.is_contiguous() and k_old.is_contiguous() and v_old.is_contiguous() and r_old.is_contiguous()
+    assert o_state.is_contiguous() and k_old.is_contiguous() and v_old.is_contiguous()
     assert k_old.dtype == k_new.dtype and v_old.dtype == v_new.dtype  # one load serves both sources
     out = _empty(L, HV, V, device=q.device) if out is None else out
     BQ, BK = _pow2(block_size), _pow2(K)
     prec = 'ieee' if v_new.dtype == torch.float32 else 'tf32'
     # Triton 3.9's interpreter computes bf16 dots wrongly (numpy has no bf16): float32 dots there
     lowp = v_new.dtype != torch.float32 and not INTERPRET
-    extra = {} if TUNE else {'BN': 32, 'BV': _pow2(min(V, 64))}
+    kernel, extra = _prefill_read_kernel, ({} if TUNE else {'BN': 32, 'BV': _pow2(min(V, 64))})
+    if config is not None:
+        kernel = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # skip autotuning
+        extra = config
     grid = lambda meta: (NB, HV, triton.cdiv(V, meta['BV']))  # noqa: E731
-    _prefill_read_kernel[grid](q, k_old, v_old, k_new, v_new, r_old, r_new, idx, cnt, o_state, out, weight, NO,
+    kernel[grid](q, k_old, v_old, k_new, v_new, r_old, r_new, idx, cnt, o_state, out, weight, NO,
                                idx.shape[1], M, L, seen0 // C, seen0, NO if cb0 is None else cb0, C, weight.stride(0),
                                min(triton.next_power_of_2(NB), 1024),  # autotune key, with M: prompt length bucket
                                q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0),
