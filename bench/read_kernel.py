@@ -1,6 +1,7 @@
 """The prefill read kernel alone, on one 340M-shaped layer (4 value heads, K 256, V 512, bf16, C 64): every tile
-config given is timed (CUDA events, median), checked against the first config, and the first against the
-float32 PyTorch reference on the first 4096 tokens; then the selection (sort + walk). Prints a table last.
+config given is timed (CUDA events, median; in place on the bf16 state output, as the model calls it), checked
+against the first config, and the first against the float32 PyTorch reference on the first 4096 tokens (float32
+output); then the selection (sort + walk). Prints a table last.
 
     python bench/read_kernel.py --tokens 32768 --cache 512                  # the default config sweep
     python bench/read_kernel.py --configs 32,256,4,2 --reps 1               # one config (e.g. under ncu)
@@ -47,11 +48,13 @@ def params(sink: float, gamma: float, dev: str) -> dict:
 
 
 def launch(x: dict, weight: torch.Tensor, C: int, cfg: tuple, out: torch.Tensor) -> None:
-    """The read kernel of a fresh prompt with one explicit tile config (no autotuning)."""
+    """The read kernel of a fresh prompt with one explicit tile config (no autotuning). `out` bf16: in place, as
+    the model calls it (out is the state output, read and overwritten); float32: x['ost'] is read."""
     config = dict(BN=cfg[0], BV=cfg[1], num_warps=cfg[2], num_stages=cfg[3],
                   **({'maxnreg': cfg[4]} if len(cfg) > 4 else {}))
     empty = x['k'].new_empty(HV, 0, K), x['v'].new_empty(HV, 0, V)
-    read.prefill_read(x['q'], *empty, x['k'], x['v'], x['idx'], x['cnt'], 0, x['ost'], weight, K ** -0.5, True, C,
+    ost = out if out.dtype == x['ost'].dtype else x['ost']
+    read.prefill_read(x['q'], *empty, x['k'], x['v'], x['idx'], x['cnt'], 0, ost, weight, K ** -0.5, True, C,
                       out=out, r_new=x['r'], config=config)
 
 
@@ -99,7 +102,8 @@ def main():
                                  l2_normalize(xa['q']), l2_normalize(xa['k']), xa['v'].float(), x['score'][:n],
                                  xa['ost'].float(), active, cfgm, K ** -0.5)
             err_ref = rel(got, ref)
-        ms = triton.testing.do_bench(lambda: launch(x, quiet, C, cfg, out), warmup=25, rep=args.reps,
+        inplace = x['ost'].clone()
+        ms = triton.testing.do_bench(lambda: launch(x, quiet, C, cfg, inplace), warmup=25, rep=args.reps,
                                      return_mode='median')
         rows.append(dict(config=cfg, ms=ms, tflops_min=flops_min / ms / 1e9, rel_vs_first=rel(out, first)))
         if len(rows) == 1 or 'error' in rows[0]:

@@ -1,10 +1,12 @@
-"""Fused Triton kernels of the memory: RMSNorm-gamma logits, online softmax over [sink, cache, own block],
-and the combination with the state output, in one pass.
+"""Fused Triton kernels of the memory: RMSNorm-gamma logits, softmax over [sink, cache, own block], and the
+combination with the state output, in one pass.
 
 `prefill_read`: every query block of a prompt against its cache (a gathered list of candidates from
 `select.py`) and the causal part of its own block, reading raw q/k/v in place: queries are normalised in the
 kernel, keys scaled by a factor from their L2-norm rstd (the model passes fla's; the loop then loads each key
-tile only for the dot, so Triton pipelines the gathers as asynchronous copies).
+tile only for the dot, so Triton pipelines the gathers as asynchronous copies). The softmax max is a fixed
+per-row bound of the logits where that is numerically safe (no running max, no rescale), else the online
+(flash-attention) max, in a second launch for the blocks the first one flags.
 `decode_step`: one token per sequence in one launch: the recurrent step of the state (GDN or DeltaNet, in
 place, with the write score), the write into the block buffer, the read, the combination and, at a block
 end, the merge into the cache.
@@ -68,26 +70,39 @@ def _rstd(RO, RN, h, hn, rows, NO, s_t, HAS_OLD: tl.constexpr):
 
 
 @triton.jit
-def _candidates(KO, VO, KN, VN, RO, RN, h, hk, rows, ok, NO, sk_t, sk_h, sv_t, sv_h, sr_t, rk, mk, rv, mv, eps_l2,
-                eps, K: tl.constexpr, V: tl.constexpr, HAS_OLD: tl.constexpr):
-    """Keys [len(rows), BK], values [len(rows), BV] and key factors of candidate rows (where ok)."""
-    k = tl.load(_rows(KO, KN, h, hk, rows, NO, sk_t, sk_h, rk, K, HAS_OLD), mask=ok[:, None] & mk[None, :], other=0.)
-    v = tl.load(_rows(VO, VN, h, h, rows, NO, sv_t, sv_h, rv, V, HAS_OLD), mask=ok[:, None] & mv[None, :], other=0.)
-    kf = _key_factor(tl.load(_rstd(RO, RN, h, hk, rows, NO, sr_t, HAS_OLD), mask=ok, other=0.), eps_l2, eps, K)
+def _candidates(KO, VO, KN, VN, RO, RN, h, hk, rows, NO, sk_t, sk_h, sv_t, sv_h, sr_t, rk, rv, eps_l2, eps,
+                K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_OLD: tl.constexpr):
+    """Keys [len(rows), BK], values [len(rows), BV] and key factors of candidate rows. Every row must be a valid
+    candidate index: the loops mask the padding rows of a tile in the softmax, not in the loads (no per-row
+    predicates), and mask columns only where K, V are not whole tiles."""
+    pk = _rows(KO, KN, h, hk, rows, NO, sk_t, sk_h, rk, K, HAS_OLD)
+    pv = _rows(VO, VN, h, h, rows, NO, sv_t, sv_h, rv, V, HAS_OLD)
+    if K == BK:
+        k = tl.load(pk)
+    else:
+        k = tl.load(pk, mask=(rk < K)[None, :], other=0.)
+    if V % BV == 0:
+        v = tl.load(pv)
+    else:
+        v = tl.load(pv, mask=(rv < V)[None, :], other=0.)
+    kf = _key_factor(tl.load(_rstd(RO, RN, h, hk, rows, NO, sr_t, HAS_OLD)), eps_l2, eps, K)
     return k, v, kf
 
 
 @triton.jit
-def _attend(q, k, v, kf, mask, m_i, l_i, acc, PREC: tl.constexpr):
-    """One online-softmax step (base 2) of queries q [BQ, BK] over keys k [BN, BK] with their factors kf [BN]
-    and values v [BN, BV]."""
+def _attend(q, k, v, kf, mask, m_i, l_i, acc, PREC: tl.constexpr, ONLINE: tl.constexpr):
+    """One softmax step (base 2) of queries q [BQ, BK] over keys k [BN, BK] with their factors kf [BN] and values
+    v [BN, BV]. m_i: a fixed upper bound of every logit of its row, or (ONLINE) the running max, updated here
+    with the flash-attention rescale."""
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * kf[None, :]
-    s = tl.where(mask, s, float('-inf'))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc
+    if ONLINE:
+        m_new = tl.maximum(m_i, tl.max(tl.where(mask, s, float('-inf')), 1))
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    p = tl.where(mask, tl.exp2(s - m_i[:, None]), 0.)
+    return m_i, l_i + tl.sum(p, 1), tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=PREC)
 
 
 @triton.jit
@@ -99,72 +114,93 @@ def _params(W, h, sw, rk, mk, K: tl.constexpr):
     return gq * gk, tl.load(W + h * sw + 2 * K).to(tl.float32), tl.load(W + h * sw + 2 * K + 1).to(tl.float32)
 
 
-# the four fastest of 12 configs measured at 32k tokens, M 512, on an H100 (bench/read_kernel.py, docs/notes.md)
+# the four fastest of 9 configs of the fixed-max kernel at 32k tokens, M 512, on an H100 (bench/read_kernel.py,
+# docs/notes.md)
 _CONFIGS = [triton.Config({'BN': bn, 'BV': bv}, num_warps=w, num_stages=st)
-            for bn, bv, w, st in ((32, 256, 4, 2), (16, 256, 4, 3), (32, 512, 8, 2), (64, 256, 8, 2))]
+            for bn, bv, w, st in ((32, 256, 4, 2), (16, 256, 4, 3), (32, 512, 8, 2), (64, 512, 8, 2))]
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @_autotune(_CONFIGS, key=['K', 'V', 'M', 'BQ', 'BK', 'G', 'HAS_OLD', 'NB_KEY'])
 @triton.jit
-def _prefill_read_kernel(Q, KO, VO, KN, VN, RO, RN, IDX, CNT, OST, OUT, W, NO, NBS, M, L, b0, seen0, CB0, C, sw,
+def _prefill_read_kernel(Q, KO, VO, KN, VN, RO, RN, IDX, CNT, OST, OUT, W, FLAG, NO, NBS, M, L, b0, seen0, CB0, C, sw,
                          NB_KEY, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sr_t, eps_l2, eps, scale,
                          G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                          BN: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr, READ_BLOCK: tl.constexpr,
-                         PREC: tl.constexpr, LOWP: tl.constexpr, HAS_OLD: tl.constexpr):
-    j, h, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    HV = tl.num_programs(1)
-    hk = h // G  # the q/k head of this value head
-    qs = tl.maximum((b0 + j) * C - seen0, 0)  # this block's rows of the input
-    qe = tl.minimum((b0 + j + 1) * C - seen0, L)
-    rq = qs + tl.arange(0, BQ)
-    mq = rq < qe
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    rv = iv * BV + tl.arange(0, BV)
-    mv = rv < V
-    gqk, sink, gate = _params(W, h, sw, rk, mk, K)
-    sink = sink * LOG2E  # logits in base 2: exp2 in the softmax
-    # queries: l2 norm, RMSNorm, gamma_q * gamma_k, 1/sqrt(K) and log2(e) folded in; keys: raw, times their
-    # factor from the L2 norm's rstd
-    q = tl.load(Q + rq[:, None] * sq_t + hk * sq_h + rk[None, :], mask=mq[:, None] & mk[None, :], other=0.)
-    q = q.to(tl.float32)
-    q = q * (_unit_rms(tl.sum(q * q, 1), eps_l2, eps, K) * (LOG2E / tl.sqrt(K * 1.0)))[:, None] * gqk[None, :]
-    if LOWP:  # bf16/fp16 operands for both dots, float32 accumulation (flash-attention style)
-        q = q.to(VN.dtype.element_ty)
-    m_i = tl.zeros([BQ], dtype=tl.float32) + sink
-    l_i = tl.zeros([BQ], dtype=tl.float32) + 1.0
-    acc = tl.zeros([BQ, BV], dtype=tl.float32)
-    # the cache of this block: a gathered list of candidate indices
-    n_cache = tl.load(CNT + h * NBS + j)
-    for t in range(0, n_cache, BN):
-        rn = t + tl.arange(0, BN)
-        valid = rn < n_cache
-        idx = tl.load(IDX + (h * NBS + j) * M + rn, mask=valid, other=0)
-        k, v, kf = _candidates(KO, VO, KN, VN, RO, RN, h, hk, idx, valid, NO, sk_t, sk_h, sv_t, sv_h, sr_t, rk, mk, rv,
-                               mv, eps_l2, eps, K, V, HAS_OLD)
-        m_i, l_i, acc = _attend(q, k, v, kf, valid[None, :], m_i, l_i, acc, PREC)
-    if READ_BLOCK:
-        # the own block, causal: earlier candidates of the block (the partial block, first block only), then
-        # the new tokens up to the row itself
-        cb = tl.where(j == 0, CB0, NO + qs)
-        last = NO + qe  # one past the last visible candidate of the block
-        for t in range(0, last - cb, BN):
-            rn = cb + t + tl.arange(0, BN)
-            inb = rn < last
-            k, v, kf = _candidates(KO, VO, KN, VN, RO, RN, h, hk, rn, inb, NO, sk_t, sk_h, sv_t, sv_h, sr_t, rk, mk,
-                                   rv, mv, eps_l2, eps, K, V, HAS_OLD)
-            vis = inb[None, :] & (rn[None, :] <= (NO + rq)[:, None])
-            m_i, l_i, acc = _attend(q, k, v, kf, vis, m_i, l_i, acc, PREC)
-    w0 = tl.exp2(sink - m_i) / l_i
-    read = acc / l_i[:, None] * scale
-    io = (rq[:, None] * HV + h) * V + rv[None, :]
-    ost = tl.load(OST + io, mask=mq[:, None] & mv[None, :], other=0.).to(tl.float32)
-    if SHARED:
-        o = w0[:, None] * ost + read
-    else:
-        o = ost + tl.sigmoid(gate) * read
-    tl.store(OUT + io, o, mask=mq[:, None] & mv[None, :])
+                         PREC: tl.constexpr, LOWP: tl.constexpr, HAS_OLD: tl.constexpr, ONLINE: tl.constexpr):
+    """Program (iv, j, h): the rows of query block j, value head h, value columns iv * BV ... (the programs of one
+    block and head run side by side and share its key rows in L2). A launch with ONLINE=False uses a fixed softmax
+    max where that is safe and flags the blocks where it is not (FLAG [NB, HV]); a second launch with ONLINE=True
+    reads those blocks alone, with the online max."""
+    iv, j, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    HV = tl.num_programs(2)
+    go = True
+    if ONLINE:
+        go = tl.load(FLAG + j * HV + h) != 0
+    if go:
+        hk = h // G  # the q/k head of this value head
+        qs = tl.maximum((b0 + j) * C - seen0, 0)  # this block's rows of the input
+        qe = tl.minimum((b0 + j + 1) * C - seen0, L)
+        rq = qs + tl.arange(0, BQ)
+        mq = rq < qe
+        rk = tl.arange(0, BK)
+        mk = rk < K
+        rv = iv * BV + tl.arange(0, BV)
+        mv = rv < V
+        gqk, sink, gate = _params(W, h, sw, rk, mk, K)
+        sink = sink * LOG2E  # logits in base 2: exp2 in the softmax
+        # queries: l2 norm, RMSNorm, gamma_q * gamma_k, 1/sqrt(K) and log2(e) folded in; keys: raw, times their
+        # factor from the L2 norm's rstd
+        q = tl.load(Q + rq[:, None] * sq_t + hk * sq_h + rk[None, :], mask=mq[:, None] & mk[None, :], other=0.)
+        q = q.to(tl.float32)
+        q = q * (_unit_rms(tl.sum(q * q, 1), eps_l2, eps, K) * (LOG2E / tl.sqrt(K * 1.0)))[:, None] * gqk[None, :]
+        if LOWP:  # bf16/fp16 operands for both dots, float32 accumulation (flash-attention style)
+            q = q.to(VN.dtype.element_ty)
+        if ONLINE:
+            m_i = tl.zeros([BQ], dtype=tl.float32) + sink
+        else:
+            # every logit of a row is at most |q| sqrt(K) (the key factor gives each key RMS 1). With m = that
+            # bound - 60 (at least the sink) as the softmax max, every term is at most 2^60 (no overflow) and,
+            # where m exceeds the sink by at most 100, the sink's term 2^(sink - m) >= 2^-100 keeps the sum exact
+            # to float32 precision: then m is fixed (no running max, no rescale); else the block is flagged
+            qf = q.to(tl.float32)
+            m_i = tl.maximum(tl.sqrt(tl.sum(qf * qf, 1) * K) - 60.0, sink)
+            flagged = tl.max(m_i, 0) - sink > 100.0
+            tl.store(FLAG + j * HV + h, flagged.to(tl.int8))  # every iv writes the same value
+            go = flagged == 0
+        if go:
+            l_i = tl.exp2(sink - m_i)
+            acc = tl.zeros([BQ, BV], dtype=tl.float32)
+            # the cache of this block: a gathered list of candidate indices
+            n_cache = tl.load(CNT + h * NBS + j)
+            for t in range(0, n_cache, BN):
+                rn = t + tl.arange(0, BN)
+                valid = rn < n_cache
+                idx = tl.load(IDX + (h * NBS + j) * M + rn, mask=valid, other=0)  # padding rows: candidate 0
+                k, v, kf = _candidates(KO, VO, KN, VN, RO, RN, h, hk, idx, NO, sk_t, sk_h, sv_t, sv_h, sr_t, rk, rv,
+                                       eps_l2, eps, K, V, BK, BV, HAS_OLD)
+                m_i, l_i, acc = _attend(q, k, v, kf, valid[None, :], m_i, l_i, acc, PREC, ONLINE)
+            if READ_BLOCK:
+                # the own block, causal: earlier candidates of the block (the partial block, first block only),
+                # then the new tokens up to the row itself
+                cb = tl.where(j == 0, CB0, NO + qs)
+                last = NO + qe  # one past the last visible candidate of the block
+                for t in range(0, last - cb, BN):
+                    rn = cb + t + tl.arange(0, BN)
+                    k, v, kf = _candidates(KO, VO, KN, VN, RO, RN, h, hk, tl.minimum(rn, last - 1), NO, sk_t, sk_h,
+                                           sv_t, sv_h, sr_t, rk, rv, eps_l2, eps, K, V, BK, BV, HAS_OLD)
+                    vis = (rn < last)[None, :] & (rn[None, :] <= (NO + rq)[:, None])
+                    m_i, l_i, acc = _attend(q, k, v, kf, vis, m_i, l_i, acc, PREC, ONLINE)
+            w0 = tl.exp2(sink - m_i) / l_i
+            read = acc / l_i[:, None] * scale
+            io = (rq[:, None] * HV + h) * V + rv[None, :]
+            ost = tl.load(OST + io, mask=mq[:, None] & mv[None, :], other=0., eviction_policy='evict_first')
+            ost = ost.to(tl.float32)
+            if SHARED:
+                o = w0[:, None] * ost + read
+            else:
+                o = ost + tl.sigmoid(gate) * read
+            tl.store(OUT + io, o, mask=mq[:, None] & mv[None, :], eviction_policy='evict_first')
 
 
 def _empty(*shape, device) -> torch.Tensor:
@@ -215,17 +251,22 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
     prec = 'ieee' if v_new.dtype == torch.float32 else 'tf32'
     # Triton 3.9's interpreter computes bf16 dots wrongly (numpy has no bf16): float32 dots there
     lowp = v_new.dtype != torch.float32 and not INTERPRET
-    kernel, extra = _prefill_read_kernel, ({} if TUNE else {'BN': 32, 'BV': _pow2(min(V, 64))})
-    if config is not None:
-        kernel = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # skip autotuning
-        extra = config
-    grid = lambda meta: (NB, HV, triton.cdiv(V, meta['BV']))  # noqa: E731
-    kernel[grid](q, k_old, v_old, k_new, v_new, r_old, r_new, idx, cnt, o_state, out, weight, NO,
-                               idx.shape[1], M, L, seen0 // C, seen0, NO if cb0 is None else cb0, C, weight.stride(0),
-                               min(triton.next_power_of_2(NB), 1024),  # autotune key, with M: prompt length bucket
-                               q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0),
-                               v_new.stride(1), r_new.stride(0), 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK,
-                               SHARED=shared, READ_BLOCK=read_block, PREC=prec, LOWP=lowp, HAS_OLD=NO > 0, **extra)
+    untuned = {'BN': 32, 'BV': _pow2(min(V, 64))} if INTERPRET else dict(BN=32, BV=256, num_warps=4, num_stages=2)
+    # two launches: a fixed softmax max where it is safe (nearly always: the kernel says why), then the online max
+    # for the blocks the first flags (the second launch's programs exit at once when none is flagged)
+    flag = torch.empty(NB, HV, dtype=torch.int8, device=q.device)
+    for online in (False, True):
+        kernel, extra = _prefill_read_kernel, ({} if TUNE else untuned)
+        if config is not None or online:  # explicit tiles; the online launch (rarely any work) is not tuned
+            kernel = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+            extra = untuned if online else config
+        grid = lambda meta: (triton.cdiv(V, meta['BV']), NB, HV)  # noqa: E731
+        kernel[grid](q, k_old, v_old, k_new, v_new, r_old, r_new, idx, cnt, o_state, out, weight, flag, NO,
+                     idx.shape[1], M, L, seen0 // C, seen0, NO if cb0 is None else cb0, C, weight.stride(0),
+                     min(triton.next_power_of_2(NB), 1024),  # autotune key, with M: prompt length bucket
+                     q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+                     r_new.stride(0), 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK, SHARED=shared,
+                     READ_BLOCK=read_block, PREC=prec, LOWP=lowp, HAS_OLD=NO > 0, ONLINE=online, **extra)
     return out
 
 

@@ -18,17 +18,17 @@ def compile_kernel(fn, ptrs: dict, consts: dict) -> None:
     fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
     sig = {n: 'constexpr' if n in consts else ptrs.get(n, 'fp32' if n in FLOATS else 'i32') for n in fn.arg_names}
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET)
-    print(fn.__name__, {k: v for k, v in consts.items() if k in ('HAS_OLD', 'STEP', 'HAS_POS', 'RESET')}, 'ok')
+    print(fn.__name__, {k: v for k, v in consts.items() if k in ('HAS_OLD', 'ONLINE', 'STEP', 'HAS_POS', 'RESET')}, 'ok')
 
 
 def main():
     bf = '*bf16'
-    for has_old in (False, True):
+    for has_old, online in ((False, False), (True, False), (False, True), (True, True)):
         compile_kernel(read._prefill_read_kernel,
                        dict(Q=bf, KO=bf, VO=bf, KN=bf, VN=bf, OST=bf, OUT=bf, IDX='*i32', CNT='*i32', W='*fp32', RO='*fp32',
-                            RN='*fp32'),
+                            RN='*fp32', FLAG='*i8'),
                        dict(G=1, K=256, V=512, BQ=64, BK=256, BN=32, BV=256, SHARED=True, READ_BLOCK=True,
-                            PREC='tf32', LOWP=True, HAS_OLD=has_old))
+                            PREC='tf32', LOWP=True, HAS_OLD=has_old, ONLINE=online))
     for step in (0, 1, 2):
         compile_kernel(read._decode_kernel,
                        dict(Q=bf, KR=bf, VR=bf, CK=bf, CV=bf, BKT=bf, BVL=bf, OUT=bf, A_RAW=bf, BETA=bf, SC='*fp32',

@@ -2,6 +2,7 @@
 
 Without a GPU these run under TRITON_INTERPRET=1 (set in conftest); on a GPU, compiled."""
 
+import math
 import os
 
 import pytest
@@ -81,12 +82,30 @@ SHAPES = [  # HV, H, K, V, M, C, splits
 @pytest.mark.parametrize('rule,eviction,read_block', [('shared', 'surprise', True), ('gated', 'surprise', True),
                                                       ('shared', 'recency', True), ('shared', 'surprise', False)])
 @pytest.mark.parametrize('shape', SHAPES)
-@torch.no_grad()
 def test_prefill_kernel_equals_reference(shape, rule, eviction, read_block):
+    _check_prefill(shape, MemoryConfig(cache_size=shape[4], block_size=shape[5], read_rule=rule, eviction=eviction,
+                                       read_block=read_block))
+
+
+@pytest.mark.parametrize('span', [60, 300])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_prefill_kernel_sharp_logits(shape, span):
+    """The read kernel takes max(|q| sqrt(K) - 60, sink) (base 2) as the softmax max where that lies within 100 of
+    the sink, else the online running max: logits up to 60 above that max (span 60: the fixed max, above the sink),
+    and a row bound 300 above the sink (span 300: the online max, with logits far above the sink)."""
     HV, H, K, V, M, C, splits = shape
-    cfg = MemoryConfig(cache_size=M, block_size=C, read_rule=rule, eviction=eviction, read_block=read_block)
+    c = (span + 60) / math.log2(math.e) / K ** 0.5  # gamma_q gamma_k: every row's bound is sink + span + 60
+    _check_prefill(shape, MemoryConfig(cache_size=M, block_size=C), gamma=c ** 0.5, sink=0.0)
+
+
+@torch.no_grad()
+def _check_prefill(shape, cfg, gamma=None, sink=None):
+    HV, H, K, V, M, C, splits = shape
     L = sum(splits)
     q, k, v, score, o_state, params = _inputs(L, HV, K, V, seed=L + M, H=H)
+    if gamma is not None:
+        params.update(q_gamma=torch.full_like(params['q_gamma'], gamma), k_gamma=torch.full_like(params['k_gamma'], gamma),
+                      sink=torch.full_like(params['sink'], sink))
     mem_ref = empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV))
     mem_fus = empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV))
     # the keys' L2-norm rstd as the model passes it: a strided view of a [B, T, H]-like tensor (fla's l2norm_fwd)
