@@ -5,7 +5,8 @@
 
 Rows: prefill tokens/s and decode ms/token for the base model, the retrofit with the PyTorch memory
 (HOLA_KERNELS=0) and with the fused kernels, every figure also as a ratio to the base measured in the
-same run; peak memory; a 24-layer SDPA causal attention stack (hidden 1024, 8 heads x 128) as the
+same run; on CUDA also the prefill replayed as a CUDA graph (the device's time, free of host launch
+overhead); peak memory; a 24-layer SDPA causal attention stack (hidden 1024, 8 heads x 128) as the
 full-attention reference; then the read kernel's achieved bandwidth and FLOP/s against the device's
 measured copy bandwidth and bf16 matmul rate. Random weights (speed only). Prints the machine first.
 """
@@ -52,6 +53,31 @@ def build_base(small, dev, dtype):
     return GatedDeltaNetForCausalLM(GatedDeltaNetConfig(expand_v=2, **kw)).to(dev, dtype).eval(), kw
 
 
+def graph_ms(fn, reps):
+    """Median ms of `reps` replays of fn captured in a CUDA graph (CUDA events): the device's own time for the
+    work, without the host's launch overhead (which bounds eager prefill on some machines)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    sync()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1))
+    del g
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def measure(model, T, dev, reps, decode_steps, vocab):
     ids = torch.randint(3, vocab, (1, T), device=dev)
@@ -74,9 +100,17 @@ def measure(model, T, dev, reps, decode_steps, vocab):
         step_times.append(time.perf_counter() - t0)
         cache = out.past_key_values
     peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if dev == 'cuda' else float('nan')
-    return dict(prefill_tok_s=T / t_prefill, prefill_ms=t_prefill * 1e3,
-                prefill_ms_each=[round(t * 1e3, 1) for t in reps_s],
-                decode_ms=statistics.median(step_times[1:]) * 1e3, peak_MiB=peak)
+    r = dict(prefill_tok_s=T / t_prefill, prefill_ms=t_prefill * 1e3,
+             prefill_ms_each=[round(t * 1e3, 1) for t in reps_s],
+             decode_ms=statistics.median(step_times[1:]) * 1e3, peak_MiB=peak)
+    if dev == 'cuda':  # after the peak: the graph's memory pool is not the model's
+        del out, cache
+        try:
+            r['prefill_graph_ms'] = graph_ms(lambda: model(ids, use_cache=True, logits_to_keep=1), max(reps, 5))
+        except RuntimeError as e:  # a model that cannot be captured: say so in its row
+            r['prefill_graph_error'] = f'{type(e).__name__}: {str(e)[:200]}'
+        torch.cuda.empty_cache()
+    return r
 
 
 @torch.no_grad()
@@ -120,47 +154,44 @@ def ceilings(dev):
 
 @torch.no_grad()
 def read_kernel_roofline(T, M, dev, reps):
-    """The memory of one 340M-shaped layer (4 value heads, K 256, V 512, bf16, C 64) at T tokens: the selection,
-    the prefill read kernel alone, and the whole fused prefill (selection + read + state update)."""
-    from hola_retrofit.adapters.reference import empty_memory
-    from hola_retrofit.kernels.memory import memory_prefill_fused, packed_weight
-    from hola_retrofit.kernels.read import prefill_read, rstd
-    from hola_retrofit.kernels.select import select_caches
-    HV, K, V, C = 4, 256, 512, 64
-    cfg = MemoryConfig(cache_size=M, block_size=C)
-    bf = torch.bfloat16
-    q, k = (torch.randn(T, HV, K, device=dev, dtype=bf) for _ in range(2))
-    v = torch.randn(T, HV, V, device=dev, dtype=bf)
-    score = torch.rand(T, HV, device=dev)
-    ost = torch.randn(T, HV, V, device=dev, dtype=bf)
-    params = {'q_gamma': torch.full((HV, K), 2.0, device=dev), 'k_gamma': torch.full((HV, K), 2.0, device=dev),
-              'sink': torch.full((HV,), 28.0, device=dev), 'gate': torch.zeros(HV, device=dev)}
-    idx, cnt = select_caches(score.t(), None, 0, T // C, M, C)
-    t_sel = timed(lambda: select_caches(score.t(), None, 0, T // C, M, C), reps)
-    k_old, v_old = torch.zeros(HV, 0, K, device=dev, dtype=bf), torch.zeros(HV, 0, V, device=dev, dtype=bf)
-    weight = packed_weight(params)
-    r = rstd(k)  # the model passes the rstd of fla's L2 norm of k
-    t = timed(lambda: prefill_read(q, k_old, v_old, k, v, idx, cnt, 0, ost, weight, 0.0625, True, C, r_new=r), reps)
-    t_all = timed(lambda: memory_prefill_fused(empty_memory(1, HV, K, V, cfg, bf, torch.device(dev)), 0, q, k, v,
-                                               score, ost, params, cfg, 0.0625, out=torch.empty_like(ost),
-                                               fresh=True, k_rstd=r), reps)
-    # the autotuned kernels against the reference on the first 4096 tokens, with an active memory (sink 2)
+    """The memory of one 340M-shaped layer (4 value heads, K 256, V 512, bf16, C 64) at T tokens, on
+    read_kernel.py's inputs, CUDA-event timed (triton's do_bench, median): the selection, the autotuned prefill
+    read kernel alone (in place on the bf16 state output, as the model calls it), and the whole fused prefill
+    (selection + read + state update); then its error against the reference."""
+    import triton
+    from read_kernel import HV, K, V, layer_inputs, params, rel  # bench/ is the script's directory
     from hola_retrofit.adapters.fallbacks import l2_normalize
-    from hola_retrofit.adapters.reference import memory_forward
+    from hola_retrofit.adapters.reference import empty_memory, memory_forward
+    from hola_retrofit.kernels.memory import memory_prefill_fused, packed_weight
+    from hola_retrofit.kernels.read import prefill_read
+    from hola_retrofit.kernels.select import select_caches
+    C = 64
+    cfg = MemoryConfig(cache_size=M, block_size=C)
+    x = layer_inputs(T, M, C, dev)
+    quiet = params(28.0, 2.0, dev)  # the defaults
+    weight, out = packed_weight(quiet), x['ost'].clone()
+    empty = x['k'].new_empty(HV, 0, K), x['v'].new_empty(HV, 0, V)
+    bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=max(reps, 1) * 100, return_mode='median')  # noqa: E731
+    t_sel = bench(lambda: select_caches(x['score'].t(), None, 0, T // C, M, C))
+    t = bench(lambda: prefill_read(x['q'], *empty, x['k'], x['v'], x['idx'], x['cnt'], 0, out, weight, K ** -0.5,
+                                   True, C, out=out, r_new=x['r']))
+    t_all = bench(lambda: memory_prefill_fused(empty_memory(1, HV, K, V, cfg, torch.bfloat16, torch.device(dev)), 0,
+                                               x['q'], x['k'], x['v'], x['score'], out, quiet, cfg, K ** -0.5, out=out,
+                                               fresh=True, k_rstd=x['r']))
+    # the autotuned kernels against the reference on the first 4096 tokens, with an active memory (sink 2)
     n = min(T, 4096)
-    act = dict(params, sink=torch.full((HV,), 2.0, device=dev), q_gamma=torch.full((HV, K), 1.5, device=dev),
-               k_gamma=torch.full((HV, K), 1.5, device=dev))
-    fused = memory_prefill_fused(empty_memory(1, HV, K, V, cfg, bf, torch.device(dev)), 0, q[:n], k[:n], v[:n],
-                                 score[:n], ost[:n], act, cfg, 0.0625, fresh=True)
-    ref = memory_forward(empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(dev)), 0, l2_normalize(q[:n]),
-                         l2_normalize(k[:n]), v[:n].float(), score[:n], ost[:n].float(), act, cfg, 0.0625)
-    rel_err = ((fused.float() - ref).norm() / ref.norm()).item()
-    entries = M + (C + 1) / 2  # per query: the cache and, on average, half of its own block
+    act = params(2.0, 1.5, dev)
+    xs = {key: x[key][:n] for key in ('q', 'k', 'v', 'score', 'ost')}
+    fused = memory_prefill_fused(empty_memory(1, HV, K, V, cfg, torch.bfloat16, torch.device(dev)), 0, xs['q'],
+                                 xs['k'], xs['v'], xs['score'], xs['ost'], act, cfg, K ** -0.5, fresh=True)
+    ref = memory_forward(empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(dev)), 0, l2_normalize(xs['q']),
+                         l2_normalize(xs['k']), xs['v'].float(), xs['score'], xs['ost'].float(), act, cfg, K ** -0.5)
+    entries = x['cnt'].float().mean().item() + (C + 1) / 2  # per query: its cache and half of its own block
     flops = 2 * HV * T * entries * (K + V)
-    # fewest bytes: q, k, v, o_state and the output once (gathered cache rows are re-read from L2)
+    # fewest bytes: q, k, v and the state output (read and written) once (gathered rows are re-read from L2)
     bytes_ = 2 * T * HV * (2 * K + 3 * V)
-    return dict(read_ms=t * 1e3, select_ms=t_sel * 1e3, memory_prefill_ms=t_all * 1e3, flops=flops / t,
-                bytes_per_s=bytes_ / t, rel_err_vs_reference_4k=rel_err)
+    return dict(read_ms=t, select_ms=t_sel, memory_prefill_ms=t_all, flops=flops / t * 1e3,
+                bytes_per_s=bytes_ / t * 1e3, rel_err_vs_reference_4k=rel(fused, ref))
 
 
 def host_profile(models, T, dev, vocab, steps=10):
@@ -290,6 +321,8 @@ def main():
                     r['base_decode_ms_interleaved'] = base_ms
                 emit(dict(T=T, model=f'retrofit M={M} {name}', **r,
                           prefill_vs_base=b['prefill_ms'] and r['prefill_ms'] / b['prefill_ms'],
+                          prefill_graph_vs_base=(r['prefill_graph_ms'] / b['prefill_graph_ms']
+                                                 if 'prefill_graph_ms' in r and 'prefill_graph_ms' in b else None),
                           decode_vs_base=r['decode_ms'] / r.get('base_decode_ms_interleaved', b['decode_ms']),
                           peak_vs_base=r['peak_MiB'] / b['peak_MiB'] if dev == 'cuda' else None))
             del hola
@@ -312,13 +345,16 @@ def main():
 
 
 def table(rows):
-    out = [f"{'T':>6} {'model':<34} {'prefill tok/s':>14} {'x base':>7} {'decode ms':>10} {'x base':>7} {'peak MiB':>9}"]
+    out = [f"{'T':>6} {'model':<34} {'prefill tok/s':>14} {'x base':>7} {'graph ms':>9} {'x base':>7} "
+           f"{'decode ms':>10} {'x base':>7} {'peak MiB':>9}"]
+    nan = float('nan')
     for r in rows:
         if 'model' not in r:
             continue
-        out.append(f"{r['T']:>6} {r['model']:<34} {r.get('prefill_tok_s', float('nan')):>14.0f} "
-                   f"{r.get('prefill_vs_base') or 1.0:>7.3f} {r.get('decode_ms', float('nan')):>10.2f} "
-                   f"{r.get('decode_vs_base') or 1.0:>7.3f} {r.get('peak_MiB', float('nan')):>9.0f}")
+        x = lambda key: 1.0 if r['model'] == 'base fla' else (r.get(key) or nan)  # noqa: E731
+        out.append(f"{r['T']:>6} {r['model']:<34} {r.get('prefill_tok_s', nan):>14.0f} {x('prefill_vs_base'):>7.3f} "
+                   f"{r.get('prefill_graph_ms', nan):>9.2f} {x('prefill_graph_vs_base'):>7.3f} "
+                   f"{r.get('decode_ms', nan):>10.2f} {x('decode_vs_base'):>7.3f} {r.get('peak_MiB', nan):>9.0f}")
     return '\n'.join(out)
 
 
