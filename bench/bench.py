@@ -81,7 +81,10 @@ def graph_ms(fn, reps):
 @torch.no_grad()
 def measure(model, T, dev, reps, decode_steps, vocab):
     ids = torch.randint(3, vocab, (1, T), device=dev)
-    model(ids, use_cache=True, logits_to_keep=1)  # compiles and autotunes (its buffers) outside the peak
+    # prefill and decode compile and autotune (their buffers) outside the peak
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    del out
     sync()
     if dev == 'cuda':
         torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
