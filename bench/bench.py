@@ -162,7 +162,7 @@ def read_kernel_roofline(T, M, dev, reps):
     read kernel alone (in place on the bf16 state output, as the model calls it), and the whole fused prefill
     (selection + read + state update); then its error against the reference."""
     import triton
-    from read_kernel import HV, K, V, layer_inputs, params, rel  # bench/ is the script's directory
+    from read_kernel import HV, K, V, layer_inputs, min_flops, params, rel  # bench/ is the script's directory
     from hola_retrofit.adapters.fallbacks import l2_normalize
     from hola_retrofit.adapters.reference import empty_memory, memory_forward
     from hola_retrofit.kernels.memory import memory_prefill_fused, packed_weight
@@ -189,8 +189,7 @@ def read_kernel_roofline(T, M, dev, reps):
                                  xs['k'], xs['v'], xs['score'], xs['ost'], act, cfg, K ** -0.5, fresh=True)
     ref = memory_forward(empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(dev)), 0, l2_normalize(xs['q']),
                          l2_normalize(xs['k']), xs['v'].float(), xs['score'], xs['ost'].float(), act, cfg, K ** -0.5)
-    entries = x['cnt'].float().mean().item() + (C + 1) / 2  # per query: its cache and half of its own block
-    flops = 2 * HV * T * entries * (K + V)
+    flops = min_flops(x, T, C)
     # fewest bytes: q, k, v and the state output (read and written) once (gathered rows are re-read from L2)
     bytes_ = 2 * T * HV * (2 * K + 3 * V)
     return dict(read_ms=t, select_ms=t_sel, memory_prefill_ms=t_all, flops=flops / t * 1e3,

@@ -58,6 +58,12 @@ def launch(x: dict, weight: torch.Tensor, C: int, cfg: tuple, out: torch.Tensor)
                       out=out, r_new=x['r'], config=config)
 
 
+def min_flops(x: dict, T: int, C: int) -> float:
+    """The read's fewest FLOPs: per query its cache (fewer in the first blocks) and on average half of its own
+    block, each entry a K-wide dot and a V-wide product."""
+    return 2 * HV * T * (x['cnt'].float().mean().item() + (C + 1) / 2) * (K + V)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float('nan') if not torch.isfinite(a).all() else ((a - b).norm() / b.norm()).item()
@@ -77,9 +83,7 @@ def main():
     x = layer_inputs(T, M, C, dev)
     quiet = packed_weight(params(28.0, 2.0, dev))
     active = params(2.0, 1.5, dev)
-    # entries per query: the cache (fewer in the first blocks) and on average half of its own block
-    entries = x['cnt'].float().mean().item() + (C + 1) / 2
-    flops_min = 2 * HV * T * entries * (K + V)
+    flops_min = min_flops(x, T, C)
     rows, first = [], None
     for cfg in cfgs:
         out = torch.full_like(x['ost'], float('nan'), dtype=torch.float32)
