@@ -162,22 +162,18 @@ def read_kernel_roofline(T, M, dev, reps):
     read kernel alone (in place on the bf16 state output, as the model calls it), and the whole fused prefill
     (selection + read + state update); then its error against the reference."""
     import triton
-    from read_kernel import HV, K, V, layer_inputs, min_flops, params, rel  # bench/ is the script's directory
-    from hola_retrofit.adapters.fallbacks import l2_normalize
-    from hola_retrofit.adapters.reference import empty_memory, memory_forward
+    from read_kernel import HV, K, V, launch, layer_inputs, min_flops, params, reference, rel  # bench/: script dir
+    from hola_retrofit.adapters.reference import empty_memory
     from hola_retrofit.kernels.memory import memory_prefill_fused, packed_weight
-    from hola_retrofit.kernels.read import prefill_read
     from hola_retrofit.kernels.select import select_caches
     C = 64
     cfg = MemoryConfig(cache_size=M, block_size=C)
     x = layer_inputs(T, M, C, dev)
     quiet = params(28.0, 2.0, dev)  # the defaults
     weight, out = packed_weight(quiet), x['ost'].clone()
-    empty = x['k'].new_empty(HV, 0, K), x['v'].new_empty(HV, 0, V)
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=max(reps, 1) * 100, return_mode='median')  # noqa: E731
     t_sel = bench(lambda: select_caches(x['score'].t(), None, 0, T // C, M, C))
-    t = bench(lambda: prefill_read(x['q'], *empty, x['k'], x['v'], x['idx'], x['cnt'], 0, out, weight, K ** -0.5,
-                                   True, C, out=out, r_new=x['r']))
+    t = bench(lambda: launch(x, weight, C, None, out))
     t_all = bench(lambda: memory_prefill_fused(empty_memory(1, HV, K, V, cfg, torch.bfloat16, torch.device(dev)), 0,
                                                x['q'], x['k'], x['v'], x['score'], out, quiet, cfg, K ** -0.5, out=out,
                                                fresh=True, k_rstd=x['r']))
@@ -187,8 +183,7 @@ def read_kernel_roofline(T, M, dev, reps):
     xs = {key: x[key][:n] for key in ('q', 'k', 'v', 'score', 'ost')}
     fused = memory_prefill_fused(empty_memory(1, HV, K, V, cfg, torch.bfloat16, torch.device(dev)), 0, xs['q'],
                                  xs['k'], xs['v'], xs['score'], xs['ost'], act, cfg, K ** -0.5, fresh=True)
-    ref = memory_forward(empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(dev)), 0, l2_normalize(xs['q']),
-                         l2_normalize(xs['k']), xs['v'].float(), xs['score'], xs['ost'].float(), act, cfg, K ** -0.5)
+    ref = reference(x, n, M, C, act)
     flops = min_flops(x, T, C)
     # fewest bytes: q, k, v and the state output (read and written) once (gathered rows are re-read from L2)
     bytes_ = 2 * T * HV * (2 * K + 3 * V)

@@ -47,11 +47,11 @@ def params(sink: float, gamma: float, dev: str) -> dict:
             'sink': torch.full((HV,), sink, device=dev), 'gate': torch.zeros(HV, device=dev)}
 
 
-def launch(x: dict, weight: torch.Tensor, C: int, cfg: tuple, out: torch.Tensor) -> None:
-    """The read kernel of a fresh prompt with one explicit tile config (no autotuning). `out` bf16: in place, as
+def launch(x: dict, weight: torch.Tensor, C: int, cfg: tuple | None, out: torch.Tensor) -> None:
+    """The read kernel of a fresh prompt with one explicit tile config (None: autotuned). `out` bf16: in place, as
     the model calls it (out is the state output, read and overwritten); float32: x['ost'] is read."""
-    config = dict(BN=cfg[0], BV=cfg[1], num_warps=cfg[2], num_stages=cfg[3],
-                  **({'maxnreg': cfg[4]} if len(cfg) > 4 else {}))
+    config = None if cfg is None else dict(BN=cfg[0], BV=cfg[1], num_warps=cfg[2], num_stages=cfg[3],
+                                           **({'maxnreg': cfg[4]} if len(cfg) > 4 else {}))
     empty = x['k'].new_empty(HV, 0, K), x['v'].new_empty(HV, 0, V)
     ost = out if out.dtype == x['ost'].dtype else x['ost']
     read.prefill_read(x['q'], *empty, x['k'], x['v'], x['idx'], x['cnt'], 0, ost, weight, K ** -0.5, True, C,
@@ -62,6 +62,15 @@ def min_flops(x: dict, T: int, C: int) -> float:
     """The read's fewest FLOPs: per query its cache (fewer in the first blocks) and on average half of its own
     block, each entry a K-wide dot and a V-wide product."""
     return 2 * HV * T * (x['cnt'].float().mean().item() + (C + 1) / 2) * (K + V)
+
+
+def reference(x: dict, n: int, M: int, C: int, p: dict) -> torch.Tensor:
+    """The float32 PyTorch memory (the specification) on the first n tokens of a fresh prompt, parameters p."""
+    cfg = MemoryConfig(cache_size=M, block_size=C)
+    dev = x['q'].device
+    return memory_forward(empty_memory(1, HV, K, V, cfg, torch.float32, dev), 0, l2_normalize(x['q'][:n]),
+                          l2_normalize(x['k'][:n]), x['v'][:n].float(), x['score'][:n], x['ost'][:n].float(), p, cfg,
+                          K ** -0.5)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,11 +110,7 @@ def main():
                       k=x['k'][:n], v=x['v'][:n], ost=x['ost'][:n], r=x['r'][:n])
             got = torch.full_like(xa['ost'], float('nan'), dtype=torch.float32)
             launch(xa, packed_weight(active), C, cfg, got)
-            cfgm = MemoryConfig(cache_size=M, block_size=C)
-            ref = memory_forward(empty_memory(1, HV, K, V, cfgm, torch.float32, torch.device(dev)), 0,
-                                 l2_normalize(xa['q']), l2_normalize(xa['k']), xa['v'].float(), x['score'][:n],
-                                 xa['ost'].float(), active, cfgm, K ** -0.5)
-            err_ref = rel(got, ref)
+            err_ref = rel(got, reference(x, n, M, C, active))
         inplace = x['ost'].clone()
         ms = triton.testing.do_bench(lambda: launch(x, quiet, C, cfg, inplace), warmup=25, rep=args.reps,
                                      return_mode='median')
