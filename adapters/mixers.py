@@ -19,7 +19,7 @@ from ..kernels.memory import kernels_enabled, memory_decode_fused, memory_prefil
 from .config import MemoryConfig
 from .fallbacks import expand_heads, l2_normalize, spans
 from .reference import empty_memory, memory_forward
-from .state import state_forward
+from .state import CHUNK, sequence_parts, state_forward
 
 MEMORY_KEY = 'hola_memory'
 
@@ -117,14 +117,19 @@ class HolaMixin:
                                     params, self.hola, scale, state=step).reshape(v.shape)
             recurrent = step['S']
         else:
+            # a fresh prompt's blocks are the state path's chunks: the read kernel then computes the state output too
             o, score, recurrent, k_rstd = state_forward(
                 self.kind, q, k, v, beta, a, getattr(self, 'A_log', None), getattr(self, 'dt_bias', None),
-                self.allow_neg_eigval, previous, cu_seqlens)
-            if fused:  # the kernels normalise raw q/k themselves and write into the state output in place
+                self.allow_neg_eigval, previous, cu_seqlens, parts=fused and fresh and self.hola.block_size == CHUNK)
+            if fused:  # the kernels normalise raw q/k themselves and write the output in place
+                parts = None
+                if isinstance(o, dict):
+                    parts, o = sequence_parts(o, seqs, cu_seqlens is not None), torch.empty_like(v)
                 for n, (b, s, e) in enumerate(seqs):
-                    memory_prefill_fused(mem, n, q[b, s:e], k[b, s:e], v[b, s:e], score[b, s:e], o[b, s:e], params,
-                                         self.hola, scale, out=o[b, s:e], fresh=fresh,
-                                         k_rstd=None if k_rstd is None else k_rstd[b, s:e])
+                    memory_prefill_fused(mem, n, q[b, s:e], k[b, s:e], v[b, s:e], score[b, s:e],
+                                         None if parts else o[b, s:e], params, self.hola, scale, out=o[b, s:e],
+                                         fresh=fresh, k_rstd=None if k_rstd is None else k_rstd[b, s:e],
+                                         state=next(parts) if parts else None)
             else:
                 o_state, o = o, torch.empty_like(o)
                 qn, kn = expand_heads(l2_normalize(q), HV), expand_heads(l2_normalize(k), HV)

@@ -19,15 +19,17 @@ from .reference import delta_rule_with_score
 
 
 def state_forward(kind: str, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval: bool,
-                  initial_state, cu_seqlens):
+                  initial_state, cu_seqlens, parts: bool = False):
     """Returns o [B, T, HV, V] (scaled by d_k^-0.5, fla's output), score [B, T, HV] float32, the final state
     and the rstd of k's L2 norm [B, T, H] (float32; None where the path does not compute it).
 
     kind: 'gdn' or 'deltanet'. For DeltaNet, `beta_raw` is already beta (fla's layer applies the
-    sigmoid itself) and `a_raw`, `A_log`, `dt_bias` are None."""
+    sigmoid itself) and `a_raw`, `A_log`, `dt_bias` are None. `parts=True`: where fla's chunked prefill runs
+    (CUDA, no autograd, more than one token per sequence), o is not computed: the first value is instead a
+    dict of the pieces fla's output kernel would read (see `sequence_parts`), for the memory's read kernel."""
     if q.is_cuda:
         return _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                                   initial_state, cu_seqlens)
+                                   initial_state, cu_seqlens, parts)
     return (*_state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
                                       initial_state, cu_seqlens), None)
 
@@ -59,7 +61,7 @@ def _state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, all
 
 
 def _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                        initial_state, cu_seqlens):
+                        initial_state, cu_seqlens, parts=False):
     B, T, H, K = q.shape
     scale = K ** -0.5
     n_seq = B if cu_seqlens is None else len(cu_seqlens) - 1
@@ -71,7 +73,7 @@ def _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_ne
         # comes from a second, gradient-free pass.
         with torch.no_grad():
             _, score, _, _ = _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                                      initial_state, cu_seqlens, scale)
+                                         initial_state, cu_seqlens, scale, parts=True)
         if kind == 'gdn' and gdn_backward_problem():
             o, final = _torch_chunk_gdn(q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state,
                                         cu_seqlens)
@@ -80,7 +82,7 @@ def _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_ne
                                   initial_state, cu_seqlens)
         return o, score, final, None
     return _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                       initial_state, cu_seqlens, scale)
+                       initial_state, cu_seqlens, scale, parts=parts)
 
 
 def gdn_backward_problem() -> str | None:
@@ -130,17 +132,20 @@ def _fla_chunk(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
                             cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
 
 
+CHUNK = 64  # fla's chunk size
+
+
 def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens,
-                scale, chunk_size: int = 64):
+                scale, chunk_size: int = CHUNK, parts: bool = False):
     """fla's chunked forward, step for step as `chunk_(gated_)delta_rule` runs it, keeping v_new (the score)
-    and k's rstd (the memory's key factors)."""
+    and k's rstd (the memory's key factors). `parts`: stop before the output kernel and return its inputs
+    instead of o (the memory's read kernel computes the output; q's L2 norm is then not needed either)."""
     from fla.modules.l2norm import l2norm_fwd
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
     from fla.ops.common.chunk_o import chunk_fwd_o
     from fla.ops.utils.index import prepare_chunk_indices
 
     chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
-    q, _ = l2norm_fwd(q)
     k, k_rstd = l2norm_fwd(k)
     if kind == 'gdn':
         from fla.ops.common.gate import fused_beta_sigmoid
@@ -164,9 +169,25 @@ def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval
                                                    output_final_state=True, cu_seqlens=cu_seqlens,
                                                    chunk_indices=chunk_indices, state_v_first=v_first,
                                                    chunk_size=chunk_size)
+    score = row_norm(v_new)
+    if parts:
+        return dict(h=h, v_new=v_new, k=k, g=g, v_first=v_first), score, final, k_rstd
+    q, _ = l2norm_fwd(q)
     o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, cu_seqlens=cu_seqlens,
                     chunk_indices=chunk_indices, state_v_first=v_first, chunk_size=chunk_size)
-    return o.to(v.dtype), row_norm(v_new), final, k_rstd
+    return o.to(v.dtype), score, final, k_rstd
+
+
+def sequence_parts(parts: dict, seqs: list[tuple[int, int, int]], varlen: bool):
+    """The pieces of `state_forward(parts=True)` for each sequence (b, s, e) of `spans`, as `prefill_read(state=)`
+    takes them: its chunks' starting states h [NC, HV, ...], v_new, unit-L2 k, the gate cumsum g (or None) and
+    the state layout. Packed sequences (varlen) own consecutive chunks of h, in order."""
+    c0 = 0
+    for b, s, e in seqs:
+        nc = -(-(e - s) // CHUNK)
+        yield dict(h=parts['h'][b, c0:c0 + nc], v_new=parts['v_new'][b, s:e], k=parts['k'][b, s:e],
+                   g=None if parts['g'] is None else parts['g'][b, s:e], v_first=parts['v_first'])
+        c0 += nc if varlen else 0
 
 
 def _decode_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens,

@@ -33,13 +33,15 @@ def packed_weight(params: dict) -> torch.Tensor:
 
 
 def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dict, cfg, scale: float,
-                         out: torch.Tensor | None = None, fresh: bool = False, k_rstd: torch.Tensor | None = None):
+                         out: torch.Tensor | None = None, fresh: bool = False, k_rstd: torch.Tensor | None = None,
+                         state: dict | None = None):
     """As reference.memory_forward for L tokens of sequence n, except that q, k are raw [L, H, K] (before the
     L2 norm, not expanded to the value heads): the kernels normalise them. Writes the output into `out`
     (default: a new float32 tensor; o_state itself may be passed) and returns it. `fresh=True` says the
     memory is empty (a prompt's first call): the candidates are the new tokens alone, nothing is read back
     from the device, and the whole call is four launches (sort, selection, read, state). `k_rstd` [L, H]: the
-    L2 norm's rstd of the raw keys, where the state path has it (fla's l2norm_fwd); else computed."""
+    L2 norm's rstd of the raw keys, where the state path has it (fla's l2norm_fwd); else computed. `state`: the
+    state path's pieces (see read.prefill_read), to compute the state output in the read kernel (o_state None)."""
     from .read import prefill_read
     from .write import store_state
     C, M = cfg.block_size, cfg.cache_size
@@ -66,7 +68,7 @@ def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dic
     idx, cnt = select_caches(cand_s, cand_p, b0, n_blocks, M, C, cfg.eviction, by_pos=by_pos)
     weight = packed_weight(params)
     out = prefill_read(q, k_old, v_old, k, v, idx, cnt, seen0, o_state, weight, scale, cfg.read_rule == 'shared', C,
-                       cfg.read_block, cfg.norm_eps, out, cb0=None if fresh else M, r_new=k_rstd)
+                       cfg.read_block, cfg.norm_eps, out, cb0=None if fresh else M, r_new=k_rstd, state=state)
     store_state(mem, n, idx[:, b1 - b0] if b1 > b0 else None, k_old, v_old, s_old, p_old, k, v, score, seen0)
     return out
 

@@ -27,12 +27,12 @@ INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 TUNE = not INTERPRET and os.environ.get('HOLA_AUTOTUNE', '1') != '0'
 
 
-def _autotune(configs, key):
+def _autotune(configs, key, **kw):
     """triton.autotune, except under the interpreter (autotune needs a GPU driver) or with HOLA_AUTOTUNE=0
     (fixed tiles: fast compiles for tests)."""
     if not TUNE:
         return lambda fn: fn
-    return triton.autotune(configs=configs, key=key)
+    return triton.autotune(configs=configs, key=key, **kw)
 
 
 @triton.jit
@@ -114,6 +114,50 @@ def _params(W, h, sw, rk, mk, K: tl.constexpr):
     return gq * gk, tl.load(W + h * sw + 2 * K).to(tl.float32), tl.load(W + h * sw + 2 * K + 1).to(tl.float32)
 
 
+@triton.jit
+def _state_tile(Q, KL, VS, HS, GS, OUT, rq, mq, hk, h, j, HV, sq_t, sq_h, skl_t, skl_h, svs_t, svs_h, sh_c, sh_h, sg_t,
+                eps_l2, scale, rv, mv, K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr, BV: tl.constexpr,
+                BKS: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, V_FIRST: tl.constexpr,
+                USE_G: tl.constexpr):
+    """The state output of rows rq (chunk j), value columns rv, value head h, stored to OUT [L, HV, V]: fla's
+    `chunk_fwd_o` math, o = scale (2^g_i q_i S_j + sum_{i' <= i in the chunk} 2^(g_i - g_i') (q_i . k_i') v_new_i'),
+    from the chunk's starting state S_j (HS: [V, K] if V_FIRST else [K, V]), the unit-L2 keys KL, the corrected
+    values VS (fla's v_new) and the chunk-local cumulative log2 decay GS. q_i = raw Q rows over their L2 norm
+    (applied to the products: row scaling commutes with them)."""
+    dt = KL.dtype.element_ty if LOWP else tl.float32
+    acc = tl.zeros([BQ, BV], dtype=tl.float32)
+    a = tl.zeros([BQ, BQ], dtype=tl.float32)
+    s2 = tl.zeros([BQ], dtype=tl.float32)
+    for kk in range(0, K, BKS):
+        rk = kk + tl.arange(0, BKS)
+        mk = rk < K
+        qi = tl.load(Q + rq[:, None] * sq_t + hk * sq_h + rk[None, :], mask=mq[:, None] & mk[None, :], other=0.)
+        s2 += tl.sum(qi.to(tl.float32) * qi.to(tl.float32), 1)
+        kl = tl.load(KL + rq[:, None] * skl_t + hk * skl_h + rk[None, :], mask=mq[:, None] & mk[None, :], other=0.)
+        a = tl.dot(qi.to(dt), tl.trans(kl.to(dt)), a, input_precision=PREC)
+        if V_FIRST:
+            s = tl.load(HS + j * sh_c + h * sh_h + rv[:, None] * K + rk[None, :], mask=mv[:, None] & mk[None, :],
+                        other=0.)
+            acc = tl.dot(qi.to(dt), tl.trans(s.to(dt)), acc, input_precision=PREC)
+        else:
+            s = tl.load(HS + j * sh_c + h * sh_h + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :],
+                        other=0.)
+            acc = tl.dot(qi.to(dt), s.to(dt), acc, input_precision=PREC)
+    f = tl.rsqrt(s2 + eps_l2) * scale
+    ri = tl.arange(0, BQ)
+    if USE_G:
+        g = tl.load(GS + rq * sg_t + h, mask=mq, other=0.).to(tl.float32)
+        acc = acc * (f * tl.exp2(g))[:, None]
+        a = tl.where((ri[:, None] >= ri[None, :]) & mq[None, :], a * tl.exp2(g[:, None] - g[None, :]), 0.)
+    else:
+        acc = acc * f[:, None]
+        a = tl.where((ri[:, None] >= ri[None, :]) & mq[None, :], a, 0.)
+    vs = tl.load(VS + rq[:, None] * svs_t + h * svs_h + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.)
+    acc = tl.dot((a * f[:, None]).to(dt), vs.to(dt), acc, input_precision=PREC)
+    tl.store(OUT + (rq[:, None] * HV + h) * V + rv[None, :], acc.to(OUT.dtype.element_ty),
+             mask=mq[:, None] & mv[None, :])
+
+
 # the four fastest of 9 configs of the fixed-max kernel at 32k tokens, M 512, on an H100 (bench/read_kernel.py,
 # docs/notes.md)
 _CONFIGS = [triton.Config({'BN': bn, 'BV': bv}, num_warps=w, num_stages=st)
@@ -121,22 +165,52 @@ _CONFIGS = [triton.Config({'BN': bn, 'BV': bv}, num_warps=w, num_stages=st)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
-@_autotune(_CONFIGS, key=['K', 'V', 'M', 'BQ', 'BK', 'G', 'HAS_OLD', 'NB_KEY'])
+# tuning runs the kernel many times: in place on OUT (restored each run) and on tickets (zeroed each run)
+@_autotune(_CONFIGS, key=['K', 'V', 'M', 'BQ', 'BK', 'G', 'HAS_OLD', 'STATE', 'NB_KEY'], restore_value=['OUT'],
+           reset_to_zero=['READY'])
 @triton.jit
-def _prefill_read_kernel(Q, KO, VO, KN, VN, RO, RN, IDX, CNT, OST, OUT, W, FLAG, NO, NBS, M, L, b0, seen0, CB0, C, sw,
-                         NB_KEY, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sr_t, eps_l2, eps, scale,
+def _prefill_read_kernel(Q, KO, VO, KN, VN, RO, RN, IDX, CNT, OST, OUT, W, FLAG, READY, KL, VS, HS, GS, NO, NBS, M, L,
+                         b0, seen0, CB0, C, sw, NB_KEY, HV, NB, LEAD, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sr_t, skl_t,
+                         skl_h, svs_t, svs_h, sh_c, sh_h, sg_t, eps_l2, eps, scale,
                          G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                          BN: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr, READ_BLOCK: tl.constexpr,
-                         PREC: tl.constexpr, LOWP: tl.constexpr, HAS_OLD: tl.constexpr, ONLINE: tl.constexpr):
-    """Program (iv, j, h): the rows of query block j, value head h, value columns iv * BV ... (the programs of one
-    block and head run side by side and share its key rows in L2). A launch with ONLINE=False uses a fixed softmax
-    max where that is safe and flags the blocks where it is not (FLAG [NB, HV]); a second launch with ONLINE=True
-    reads those blocks alone, with the online max."""
-    iv, j, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    HV = tl.num_programs(2)
-    go = True
+                         PREC: tl.constexpr, LOWP: tl.constexpr, HAS_OLD: tl.constexpr, ONLINE: tl.constexpr,
+                         STATE: tl.constexpr, V_FIRST: tl.constexpr, USE_G: tl.constexpr, BKS: tl.constexpr):
+    """Tile (iv, j, h): the rows of query block j, value head h, value columns iv * BV ... (the tiles of one block and
+    head run side by side and share its key rows in L2). A launch with ONLINE=False uses a fixed softmax max where
+    that is safe and flags the blocks where it is not (FLAG [NB, HV]); a second launch with ONLINE=True reads those
+    blocks alone, with the online max, in place on OUT.
+
+    STATE: the state output is computed in the same launch, by programs of their own (`_state_tile`, into OUT):
+    their loads stream while the read programs wait on gathers. A program takes a ticket (READY[0]) and the ticket
+    order interleaves the two kinds, each tile's state LEAD or more tickets before its read, which waits for
+    READY[1 + tile] before it loads the state output. Waiting only on earlier tickets (running or done programs)
+    cannot deadlock."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    is_state = False
+    if STATE:
+        t = tl.atomic_add(READY, 1)
+        LEAD = tl.minimum(LEAD, NB * HV * NV)
+        u = t - LEAD
+        tail = 2 * (NB * HV * NV - LEAD)  # tickets of the alternating stretch after the lead
+        is_state = (t < LEAD) | ((u < tail) & (u % 2 == 1))
+        w = tl.where(t < LEAD, t, tl.where(u < tail, tl.where(u % 2 == 1, LEAD + u // 2, u // 2), t - NB * HV * NV))
+        iv, j, h = w % NV, (w // NV) % NB, w // (NV * NB)
+    else:
+        iv, j, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        w = 0
+    go = is_state == False  # noqa: E712 (a tensor when STATE)
     if ONLINE:
         go = tl.load(FLAG + j * HV + h) != 0
+    if is_state:
+        qs = j * C  # this chunk's rows of the input (seen0 % C == 0)
+        rq = qs + tl.arange(0, BQ)
+        rv = iv * BV + tl.arange(0, BV)
+        _state_tile(Q, KL, VS, HS, GS, OUT, rq, rq < tl.minimum(qs + C, L), h // G, h, j, HV, sq_t, sq_h, skl_t,
+                    skl_h, svs_t, svs_h, sh_c, sh_h, sg_t, eps_l2, scale, rv, rv < V, K, V, BQ, BV, BKS, PREC, LOWP,
+                    V_FIRST, USE_G)
+        tl.debug_barrier()  # every thread's stores before the release
+        tl.atomic_xchg(READY + 1 + w, 1, sem='release')
     if go:
         hk = h // G  # the q/k head of this value head
         qs = tl.maximum((b0 + j) * C - seen0, 0)  # this block's rows of the input
@@ -194,7 +268,12 @@ def _prefill_read_kernel(Q, KO, VO, KN, VN, RO, RN, IDX, CNT, OST, OUT, W, FLAG,
             w0 = tl.exp2(sink - m_i) / l_i
             read = acc / l_i[:, None] * scale
             io = (rq[:, None] * HV + h) * V + rv[None, :]
-            ost = tl.load(OST + io, mask=mq[:, None] & mv[None, :], other=0., eviction_policy='evict_first')
+            if STATE:  # this tile's state output, from its own program (an earlier ticket), past L1
+                while tl.atomic_add(READY + 1 + w, 0, sem='acquire') == 0:
+                    pass
+                ost = tl.load(OST + io, mask=mq[:, None] & mv[None, :], other=0., cache_modifier='.cg')
+            else:
+                ost = tl.load(OST + io, mask=mq[:, None] & mv[None, :], other=0., eviction_policy='evict_first')
             ost = ost.to(tl.float32)
             if SHARED:
                 o = w0[:, None] * ost + read
@@ -210,6 +289,11 @@ def _empty(*shape, device) -> torch.Tensor:
     return torch.empty(*shape, dtype=torch.float32, device=device)
 
 
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors (1 off CUDA): the STATE launch's lead of state tickets is twice this."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 1
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
@@ -221,10 +305,10 @@ def rstd(x: torch.Tensor) -> torch.Tensor:
 
 
 def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                 idx: torch.Tensor, cnt: torch.Tensor, seen0: int, o_state: torch.Tensor, weight: torch.Tensor,
+                 idx: torch.Tensor, cnt: torch.Tensor, seen0: int, o_state: torch.Tensor | None, weight: torch.Tensor,
                  scale: float, shared: bool, block_size: int, read_block: bool = True, eps: float = 1e-6,
                  out: torch.Tensor | None = None, cb0: int | None = None, r_new: torch.Tensor | None = None,
-                 config: dict | None = None) -> torch.Tensor:
+                 config: dict | None = None, state: dict | None = None) -> torch.Tensor:
     """The read of L new tokens at positions seen0 .. seen0 + L - 1 of one sequence, block by block.
 
     Raw queries q [L, H, K] and new keys k_new [L, H, K] (before the L2 norm; value head h reads q/k head
@@ -235,7 +319,13 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
     block starts at candidate cb0 (default NO: no earlier candidates of that block). weight [HV, 2K + 2]: the
     packed memory parameters (MemoryParams.weight). o_state [L, HV, V]; `out` (default: a new float32 tensor;
     may be o_state itself) gets the output. `config` (e.g. {'BN': 32, 'BV': 256, 'num_warps': 4, 'num_stages': 2}):
-    explicit tiles and launch options instead of autotuning (benchmarks)."""
+    explicit tiles and launch options instead of autotuning (benchmarks).
+
+    `state`: compute the state output in the same launch (the math of fla's `chunk_fwd_o`) instead of reading
+    o_state (then None): {'h': the state at the start of each chunk, [NC, HV, V, K] ('v_first') or [NC, HV, K, V],
+    'v_new': [L, HV, V] fla's corrected values, 'k': [L, H, K] the unit-L2 keys, 'g': [L, HV] the chunk-local
+    cumulative log2 decay or None (DeltaNet), 'v_first': bool}. The chunks are the query blocks: seen0 % C == 0
+    and the state path's chunk size is C."""
     L, H, K = q.shape
     HV, NO = k_old.shape[0], k_old.shape[1]
     V = v_new.shape[-1]
@@ -244,9 +334,21 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
     r_new = rstd(k_new) if r_new is None else r_new
     r_old = rstd(k_old) if NO else r_new  # never read without earlier candidates
     assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == weight.stride(-1) == r_new.stride(-1) == 1
-    assert o_state.is_contiguous() and k_old.is_contiguous() and v_old.is_contiguous()
+    assert k_old.is_contiguous() and v_old.is_contiguous()
     assert k_old.dtype == k_new.dtype and v_old.dtype == v_new.dtype  # one load serves both sources
     out = _empty(L, HV, V, device=q.device) if out is None else out
+    if state is None:
+        assert o_state.is_contiguous()
+        st, st_strides = dict(KL=out, VS=out, HS=out, GS=out), (0,) * 7
+    else:  # the state output goes to `out` first: the reads combine in place
+        assert seen0 % block_size == 0 and _pow2(block_size) == block_size, 'state output: blocks must be chunks'
+        hs, vs, kl, gs = state['h'], state['v_new'], state['k'], state['g']
+        assert hs.shape[0] == NB and hs[0, 0].is_contiguous() and vs.stride(-1) == kl.stride(-1) == 1
+        assert out.is_contiguous() and (gs is None or gs.stride(-1) == 1)
+        o_state = out
+        st = dict(KL=kl, VS=vs, HS=hs, GS=out if gs is None else gs)
+        st_strides = (kl.stride(0), kl.stride(1), vs.stride(0), vs.stride(1), hs.stride(0), hs.stride(1),
+                      0 if gs is None else gs.stride(0))
     BQ, BK = _pow2(block_size), _pow2(K)
     prec = 'ieee' if v_new.dtype == torch.float32 else 'tf32'
     # Triton 3.9's interpreter computes bf16 dots wrongly (numpy has no bf16): float32 dots there
@@ -255,18 +357,29 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
     # two launches: a fixed softmax max where it is safe (nearly always: the kernel says why), then the online max
     # for the blocks the first flags (the second launch's programs exit at once when none is flagged)
     flag = torch.empty(NB, HV, dtype=torch.int8, device=q.device)
+    # STATE: READY[0] the ticket counter, READY[1 + tile] set once the tile's state output is in `out`
+    ready = torch.zeros(1 + (NB * HV * triton.cdiv(V, 16) if state is not None else 0), dtype=torch.int32,
+                        device=q.device)
     for online in (False, True):
         kernel, extra = _prefill_read_kernel, ({} if TUNE else untuned)
         if config is not None or online:  # explicit tiles; the online launch (rarely any work) is not tuned
             kernel = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
             extra = untuned if online else config
-        grid = lambda meta: (triton.cdiv(V, meta['BV']), NB, HV)  # noqa: E731
-        kernel[grid](q, k_old, v_old, k_new, v_new, r_old, r_new, idx, cnt, o_state, out, weight, flag, NO,
-                     idx.shape[1], M, L, seen0 // C, seen0, NO if cb0 is None else cb0, C, weight.stride(0),
+        with_state = state is not None and not online  # the online launch reads the state output in place
+        if with_state:
+            grid = lambda meta: (2 * triton.cdiv(V, meta['BV']) * NB * HV,)  # noqa: E731
+        else:
+            grid = lambda meta: (triton.cdiv(V, meta['BV']), NB, HV)  # noqa: E731
+        kernel[grid](q, k_old, v_old, k_new, v_new, r_old, r_new, idx, cnt, o_state, out, weight, flag, ready,
+                     st['KL'], st['VS'], st['HS'], st['GS'], NO, idx.shape[1], M, L, seen0 // C, seen0,
+                     NO if cb0 is None else cb0, C, weight.stride(0),
                      min(triton.next_power_of_2(NB), 1024),  # autotune key, with M: prompt length bucket
+                     HV, NB, 2 * _sm_count(q.device),
                      q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-                     r_new.stride(0), 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK, SHARED=shared,
-                     READ_BLOCK=read_block, PREC=prec, LOWP=lowp, HAS_OLD=NO > 0, ONLINE=online, **extra)
+                     r_new.stride(0), *st_strides, 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK,
+                     SHARED=shared, READ_BLOCK=read_block, PREC=prec, LOWP=lowp, HAS_OLD=NO > 0, ONLINE=online,
+                     STATE=with_state, V_FIRST=state is not None and state['v_first'],
+                     USE_G=state is not None and state['g'] is not None, BKS=min(BK, 64), **extra)
     return out
 
 

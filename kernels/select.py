@@ -78,5 +78,5 @@ def select_caches(score: torch.Tensor, pos: torch.Tensor | None, b0: int, n_bloc
     order = priority_order(score, pos, eviction, by_pos)                # [HV, N]
     pos = pos.contiguous() if pos is not None else order
     _select_kernel[(n_blocks, HV)](order, pos, out, cnt, order.stride(0), order.stride(1), N, n_blocks, b0, M, C,
-                                   HAS_POS=pos is not order, BT=512, BM=128)
+                                   HAS_POS=pos is not order, BT=2048, BM=128, num_warps=8)  # an H100 A/B: 78 vs 107 us
     return out, cnt

@@ -18,17 +18,19 @@ def compile_kernel(fn, ptrs: dict, consts: dict) -> None:
     fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
     sig = {n: 'constexpr' if n in consts else ptrs.get(n, 'fp32' if n in FLOATS else 'i32') for n in fn.arg_names}
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET)
-    print(fn.__name__, {k: v for k, v in consts.items() if k in ('HAS_OLD', 'ONLINE', 'STEP', 'HAS_POS', 'RESET')}, 'ok')
+    print(fn.__name__, {k: v for k, v in consts.items() if k in ('HAS_OLD', 'ONLINE', 'STATE', 'V_FIRST', 'STEP', 'HAS_POS', 'RESET')}, 'ok')
 
 
 def main():
     bf = '*bf16'
-    for has_old, online in ((False, False), (True, False), (False, True), (True, True)):
+    for has_old, online, state in ((False, False, 0), (True, False, 0), (False, True, 0), (True, True, 0),
+                                   (False, False, 1), (False, False, 2)):
         compile_kernel(read._prefill_read_kernel,
                        dict(Q=bf, KO=bf, VO=bf, KN=bf, VN=bf, OST=bf, OUT=bf, IDX='*i32', CNT='*i32', W='*fp32', RO='*fp32',
-                            RN='*fp32', FLAG='*i8'),
+                            RN='*fp32', FLAG='*i8', READY='*i32', KL=bf, VS=bf, HS=bf, GS='*fp32'),
                        dict(G=1, K=256, V=512, BQ=64, BK=256, BN=32, BV=256, SHARED=True, READ_BLOCK=True,
-                            PREC='tf32', LOWP=True, HAS_OLD=has_old, ONLINE=online))
+                            PREC='tf32', LOWP=True, HAS_OLD=has_old, ONLINE=online, STATE=state > 0,
+                            V_FIRST=state == 1, USE_G=state == 1, BKS=64))  # state 1: GDN's, 2: DeltaNet's
     for step in (0, 1, 2):
         compile_kernel(read._decode_kernel,
                        dict(Q=bf, KR=bf, VR=bf, CK=bf, CV=bf, BKT=bf, BVL=bf, OUT=bf, A_RAW=bf, BETA=bf, SC='*fp32',
@@ -38,7 +40,7 @@ def main():
                             READ_BLOCK=True, SURPRISE=True, STEP=step, NEG=False))
     for has_pos in (False, True):
         compile_kernel(select._select_kernel, dict(ORD='*i64', POS='*i64', OUT='*i32', CNT='*i32'),
-                       dict(HAS_POS=has_pos, BT=512, BM=128))
+                       dict(HAS_POS=has_pos, BT=2048, BM=128))
     for reset in (False, True):
         compile_kernel(write._store_kernel,
                        dict(IDX='*i32', KO=bf, VO=bf, SO='*fp32', PO='*i64', KN=bf, VN=bf, SN='*fp32', CK=bf, CV=bf,

@@ -129,6 +129,54 @@ def _check_prefill(shape, cfg, gamma=None, sink=None):
     assert rel(mem_fus['block_k'][:, :, :fill], mem_ref['block_k'][:, :, :fill]) < 1e-6
 
 
+def _chunk_pieces(q, k, v, beta, log_alpha, C, v_first, scale):
+    """The chunked delta rule's pieces, float32, by the recurrence S_t = a_t S_{t-1} + k_t v_new_t^T: each chunk's
+    starting state (fla's layout), v_new_t = beta_t (v_t - a_t S_{t-1}^T k_t), the chunk-local cumulative log2
+    decay, and the state output scale * S_t^T q_t."""
+    L, HV, V = v.shape
+    qn, kn = unit(q, HV).float(), unit(k, HV).float()
+    S = torch.zeros(HV, qn.shape[-1], V, device=DEV)
+    hs, v_new, o = [], torch.empty(L, HV, V, device=DEV), torch.empty(L, HV, V, device=DEV)
+    for t in range(L):
+        if t % C == 0:
+            hs.append(S.transpose(-1, -2) if v_first else S.clone())
+        if log_alpha is not None:
+            S = S * log_alpha[t].exp()[:, None, None]
+        v_new[t] = beta[t][:, None] * (v[t].float() - torch.einsum('hkv,hk->hv', S, kn[t]))
+        S = S + kn[t][:, :, None] * v_new[t][:, None, :]
+        o[t] = scale * torch.einsum('hkv,hk->hv', S, qn[t])
+    g = None
+    if log_alpha is not None:
+        g = torch.cat([c.cumsum(0) for c in log_alpha.split(C)]) / math.log(2)
+    return dict(h=torch.stack(hs).contiguous(), v_new=v_new, k=l2_normalize(k.float()), g=g, v_first=v_first), o
+
+
+@pytest.mark.parametrize('rule,sharp', [('shared', False), ('gated', False), ('shared', True)])
+@pytest.mark.parametrize('gated_state', [True, False])  # GDN (decay, fla's value-first state) or DeltaNet
+@pytest.mark.parametrize('HV,H,K,V,M,C,L', [(2, 2, 16, 16, 8, 16, 37), (4, 2, 16, 32, 12, 32, 70),
+                                            (1, 1, 32, 48, 5, 16, 33), (2, 1, 8, 12, 0, 16, 16)])
+@torch.no_grad()
+def test_prefill_kernel_state_output(HV, H, K, V, M, C, L, gated_state, rule, sharp):
+    """The read kernel computing the state output itself from the chunked state path's pieces (a fresh prompt's
+    blocks are chunks) against the reference memory given the state output of the float32 recurrence."""
+    q, k, v, score, _, params = _inputs(L, HV, K, V, seed=L + M + HV, H=H)
+    g = torch.Generator().manual_seed(L)
+    beta = torch.rand(L, HV, generator=g).to(DEV)
+    log_alpha = (-0.3 * torch.rand(L, HV, generator=g)).to(DEV) if gated_state else None
+    scale = K ** -0.5
+    pieces, o_state = _chunk_pieces(q, k, v, beta, log_alpha, C, gated_state, scale)
+    if sharp:  # the online launch (see test_prefill_kernel_sharp_logits)
+        c = 360 / math.log2(math.e) / K ** 0.5
+        params.update(q_gamma=torch.full_like(params['q_gamma'], c ** 0.5),
+                      k_gamma=torch.full_like(params['k_gamma'], c ** 0.5), sink=torch.zeros_like(params['sink']))
+    cfg = MemoryConfig(cache_size=M, block_size=C, read_rule=rule)
+    ref = memory_forward(empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV)), 0, unit(q, HV),
+                         unit(k, HV), v, score, o_state, params, cfg, scale)
+    mem = empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV))
+    out = memory_prefill_fused(mem, 0, q, k, v, score, None, params, cfg, scale, fresh=True, state=pieces)
+    assert rel(out, ref) < 1e-4
+
+
 @pytest.mark.parametrize('read_block', [True, False])
 @torch.no_grad()
 def test_decode_kernel_equals_reference(read_block):
@@ -229,3 +277,25 @@ def test_model_with_kernels_equals_reference_model(monkeypatch, kind):
     if DEV == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':
         pytest.skip('needs TRITON_INTERPRET=1 on CPU')
     assert rel(run(), ref) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked prefill, whose pieces the kernel reads: CUDA")
+@pytest.mark.parametrize('kind', ['gdn', 'deltanet'])
+@torch.no_grad()
+def test_model_state_output_in_read_kernel(monkeypatch, kind):
+    """With block size 64 (fla's chunk), a fresh prompt's read kernel computes the state output itself instead of
+    fla's output kernel: against the PyTorch memory on fla's output, and a left-padded batch (packed sequences:
+    each sequence's own chunks of the state) against each sequence alone."""
+    torch.manual_seed(0)
+    model = hola_from_base(tiny_base(kind, num_hidden_layers=1), cache_size=6, block_size=64, sink_init=2.0,
+                           gamma_init=1.5).cuda()
+    ids = torch.randint(3, VOCAB, (2, 150), device='cuda')
+    monkeypatch.setenv('HOLA_KERNELS', '0')
+    ref = model(ids).logits
+    monkeypatch.setenv('HOLA_KERNELS', '1')
+    assert rel(model(ids).logits, ref) < 2e-3  # fla's output kernel uses TF32 for float32, ours IEEE
+    mask = torch.ones_like(ids)
+    mask[0, :37] = 0
+    out = model(ids, attention_mask=mask).logits
+    assert rel(out[0, 37:], model(ids[:1, 37:]).logits[0]) < 2e-3
+    assert rel(out[1], ref[1]) < 2e-3
