@@ -159,10 +159,14 @@ def ceilings(dev):
 def read_kernel_roofline(T, M, dev, reps):
     """The memory of one 340M-shaped layer (4 value heads, K 256, V 512, bf16, C 64) at T tokens, on
     read_kernel.py's inputs, CUDA-event timed (triton's do_bench, median): the selection, the autotuned prefill
-    read kernel alone (in place on the bf16 state output, as the model calls it), and the whole fused prefill
-    (selection + read + state update); then its error against the reference."""
+    read kernel alone (in place on the bf16 state output, as the model calls it), the read launch that also
+    computes the state output (as for a fresh prompt; random chunk states) beside the base model's output kernel
+    (fla's chunk_fwd_o) on the same inputs, and the whole fused prefill (selection + read + state update); then its
+    error against the reference."""
     import triton
-    from read_kernel import HV, K, V, launch, layer_inputs, min_flops, params, reference, rel  # bench/: script dir
+    from fla.ops.common.chunk_o import chunk_fwd_o
+    from read_kernel import (HV, K, V, launch, layer_inputs, min_flops, params, reference, rel,  # bench/: script dir
+                             state_inputs)
     from hola_retrofit.adapters.reference import empty_memory
     from hola_retrofit.kernels.memory import memory_prefill_fused, packed_weight
     from hola_retrofit.kernels.select import select_caches
@@ -174,6 +178,11 @@ def read_kernel_roofline(T, M, dev, reps):
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=max(reps, 1) * 100, return_mode='median')  # noqa: E731
     t_sel = bench(lambda: select_caches(x['score'].t(), None, 0, T // C, M, C))
     t = bench(lambda: launch(x, weight, C, None, out))
+    st = state_inputs(T, C, dev)
+    t_state = bench(lambda: launch(x, weight, C, None, out, state=st))
+    qn = torch.nn.functional.normalize(x['q'].float(), dim=-1).bfloat16()[None]
+    t_fla_o = bench(lambda: chunk_fwd_o(q=qn, k=st['k'][None], v=st['v_new'][None], h=st['h'][None],
+                                        g=st['g'][None], scale=K ** -0.5, state_v_first=True, chunk_size=C))
     t_all = bench(lambda: memory_prefill_fused(empty_memory(1, HV, K, V, cfg, torch.bfloat16, torch.device(dev)), 0,
                                                x['q'], x['k'], x['v'], x['score'], out, quiet, cfg, K ** -0.5, out=out,
                                                fresh=True, k_rstd=x['r']))
@@ -187,7 +196,8 @@ def read_kernel_roofline(T, M, dev, reps):
     flops = min_flops(x, T, C)
     # fewest bytes: q, k, v and the state output (read and written) once (gathered rows are re-read from L2)
     bytes_ = 2 * T * HV * (2 * K + 3 * V)
-    return dict(read_ms=t, select_ms=t_sel, memory_prefill_ms=t_all, flops=flops / t * 1e3,
+    return dict(read_ms=t, read_with_state_output_ms=t_state, fla_chunk_fwd_o_ms=t_fla_o, select_ms=t_sel,
+                memory_prefill_ms=t_all, flops=flops / t * 1e3,
                 bytes_per_s=bytes_ / t * 1e3, rel_err_vs_reference_4k=rel(fused, ref))
 
 
@@ -329,8 +339,8 @@ def main():
         for M in (int(m) for m in args.cache.split(',')):
             k = read_kernel_roofline(32768, M, dev, args.reps)
             emit(dict(kernel='prefill_read', T=32768, M=M,
-                      **{x: k[x] for x in ('read_ms', 'select_ms', 'memory_prefill_ms',
-                                           'rel_err_vs_reference_4k')},
+                      **{x: k[x] for x in ('read_ms', 'read_with_state_output_ms', 'fla_chunk_fwd_o_ms', 'select_ms',
+                                           'memory_prefill_ms', 'rel_err_vs_reference_4k')},
                       TFLOPs=k['flops'] / 1e12, GBps=k['bytes_per_s'] / 1e9,
                       frac_flops=k['flops'] / fl, frac_bw=k['bytes_per_s'] / bw))
     print('\n' + table(rows), flush=True)

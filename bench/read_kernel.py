@@ -42,20 +42,32 @@ def layer_inputs(T: int, M: int, C: int, dev: str, seed: int = 0):
     return dict(q=q, k=k, v=v, score=score, ost=ost, idx=idx, cnt=cnt, r=read.rstd(k))
 
 
+def state_inputs(T: int, C: int, dev: str, seed: int = 1) -> dict:
+    """Random pieces of the state path for the read launch that also computes the state output (a fresh prompt):
+    chunk states h (GDN's value-first layout), v_new, unit-L2 keys and a chunk-local log2 decay cumsum."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    decay = -0.05 * torch.rand(T, HV, device=dev, generator=g)
+    return dict(h=(torch.randn(T // C, HV, V, K, device=dev, generator=g) * 0.05).bfloat16(),
+                v_new=(torch.randn(T, HV, V, device=dev, generator=g) * 0.3).bfloat16(),
+                k=torch.nn.functional.normalize(torch.randn(T, HV, K, device=dev, generator=g), dim=-1).bfloat16(),
+                g=torch.cat([c.cumsum(0) for c in decay.split(C)]), v_first=True)
+
+
 def params(sink: float, gamma: float, dev: str) -> dict:
     return {'q_gamma': torch.full((HV, K), gamma, device=dev), 'k_gamma': torch.full((HV, K), gamma, device=dev),
             'sink': torch.full((HV,), sink, device=dev), 'gate': torch.zeros(HV, device=dev)}
 
 
-def launch(x: dict, weight: torch.Tensor, C: int, cfg: tuple | None, out: torch.Tensor) -> None:
+def launch(x: dict, weight: torch.Tensor, C: int, cfg: tuple | None, out: torch.Tensor, state: dict | None = None):
     """The read kernel of a fresh prompt with one explicit tile config (None: autotuned). `out` bf16: in place, as
-    the model calls it (out is the state output, read and overwritten); float32: x['ost'] is read."""
+    the model calls it (out is the state output, read and overwritten); float32: x['ost'] is read. `state`
+    (`state_inputs`): the launch computes the state output itself, as the model's fresh prompts do."""
     config = None if cfg is None else dict(BN=cfg[0], BV=cfg[1], num_warps=cfg[2], num_stages=cfg[3],
                                            **({'maxnreg': cfg[4]} if len(cfg) > 4 else {}))
     empty = x['k'].new_empty(HV, 0, K), x['v'].new_empty(HV, 0, V)
-    ost = out if out.dtype == x['ost'].dtype else x['ost']
+    ost = None if state is not None else out if out.dtype == x['ost'].dtype else x['ost']
     read.prefill_read(x['q'], *empty, x['k'], x['v'], x['idx'], x['cnt'], 0, ost, weight, K ** -0.5, True, C,
-                      out=out, r_new=x['r'], config=config)
+                      out=out, r_new=x['r'], config=config, state=state)
 
 
 def min_flops(x: dict, T: int, C: int) -> float:
