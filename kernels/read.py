@@ -128,11 +128,17 @@ def _state_tile(Q, KL, VS, HS, GS, OUT, rq, mq, hk, h, j, HV, sq_t, sq_h, skl_t,
     acc = tl.zeros([BQ, BV], dtype=tl.float32)
     a = tl.zeros([BQ, BQ], dtype=tl.float32)
     s2 = tl.zeros([BQ], dtype=tl.float32)
+    # q's squared norms in a loop of their own: where the pipelined loop below also read q's tile into registers,
+    # Triton 3.6 gave that tile one shared-memory buffer, overwritten by the next tile's copy while the products
+    # still read it (wrong outputs in about a fifth of the tiles at 32k tokens on an H100, different every run)
+    for kk in tl.range(0, K, BKS, num_stages=1):
+        rk = kk + tl.arange(0, BKS)
+        qi = tl.load(Q + rq[:, None] * sq_t + hk * sq_h + rk[None, :], mask=mq[:, None] & (rk < K)[None, :], other=0.)
+        s2 += tl.sum(qi.to(tl.float32) * qi.to(tl.float32), 1)
     for kk in range(0, K, BKS):
         rk = kk + tl.arange(0, BKS)
         mk = rk < K
         qi = tl.load(Q + rq[:, None] * sq_t + hk * sq_h + rk[None, :], mask=mq[:, None] & mk[None, :], other=0.)
-        s2 += tl.sum(qi.to(tl.float32) * qi.to(tl.float32), 1)
         kl = tl.load(KL + rq[:, None] * skl_t + hk * skl_h + rk[None, :], mask=mq[:, None] & mk[None, :], other=0.)
         a = tl.dot(qi.to(dt), tl.trans(kl.to(dt)), a, input_precision=PREC)
         if V_FIRST:
@@ -190,6 +196,7 @@ def _prefill_read_kernel(Q, KO, VO, KN, VN, RO, RN, IDX, CNT, OST, OUT, W, FLAG,
     is_state = False
     if STATE:
         t = tl.atomic_add(READY, 1)
+        tl.debug_barrier()  # every thread has the ticket (handed out through shared memory) before that is reused
         LEAD = tl.minimum(LEAD, NB * HV * NV)
         u = t - LEAD
         tail = 2 * (NB * HV * NV - LEAD)  # tickets of the alternating stretch after the lead
@@ -271,6 +278,7 @@ def _prefill_read_kernel(Q, KO, VO, KN, VN, RO, RN, IDX, CNT, OST, OUT, W, FLAG,
             if STATE:  # this tile's state output, from its own program (an earlier ticket), past L1
                 while tl.atomic_add(READY + 1 + w, 0, sem='acquire') == 0:
                     pass
+                tl.debug_barrier()  # likewise for the flag
                 ost = tl.load(OST + io, mask=mq[:, None] & mv[None, :], other=0., cache_modifier='.cg')
             else:
                 ost = tl.load(OST + io, mask=mq[:, None] & mv[None, :], other=0., eviction_policy='evict_first')
