@@ -306,7 +306,8 @@ def test_model_state_output_in_read_kernel(monkeypatch, kind):
 def test_state_output_in_read_launch_at_scale():
     """The read launch that computes the state output (over a thousand programs, ticketed) against the same read
     given the state output of fla's output math in float32 PyTorch, at 8k tokens of the 340M layer's shape, three
-    times. Two Triton shared-memory races once showed here as wrong, run-dependent rows in a fifth of the tiles."""
+    times. A Triton shared-memory race (q's tile in the state programs) once showed here as wrong, run-dependent rows
+    in a fifth of the tiles."""
     from hola_retrofit.kernels.read import prefill_read, rstd
     T, HV, K, V, C, M = 8192, 4, 256, 512, 64, 512
     g = torch.Generator(device='cuda').manual_seed(0)
