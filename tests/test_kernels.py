@@ -13,6 +13,7 @@ from hola_retrofit.adapters import MemoryConfig
 from hola_retrofit.adapters.fallbacks import expand_heads, gdn_beta, gdn_decay, l2_normalize
 from hola_retrofit.adapters.reference import delta_rule_with_score, empty_memory, memory_forward
 from hola_retrofit.kernels.memory import memory_decode_fused, memory_prefill_fused
+from hola_retrofit.kernels import select
 from hola_retrofit.kernels.select import select_caches
 
 DEV = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -30,8 +31,11 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize('eviction', ['surprise', 'recency'])
-@pytest.mark.parametrize('M,C,N', [(4, 3, 40), (7, 5, 61), (16, 4, 30), (1, 8, 33)])
-def test_select_equals_brute_force(eviction, M, C, N):
+@pytest.mark.parametrize('M,C,N,tile', [(4, 3, 40, 2048), (7, 5, 61, 2048), (16, 4, 30, 2048), (1, 8, 33, 2048),
+                                         (4, 3, 40, 16), (20, 7, 200, 16)])
+def test_select_equals_brute_force(monkeypatch, eviction, M, C, N, tile):
+    """Each block's cache against a sort of its earlier candidates; tile 16: the walk over the sorted list in many steps."""
+    monkeypatch.setattr(select, 'TILE', tile)
     g = torch.Generator().manual_seed(M + N)
     HV = 3
     score = torch.randint(0, 5, (HV, N), generator=g).float()
