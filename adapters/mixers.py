@@ -101,15 +101,16 @@ class HolaMixin:
         seqs = spans(B, T, cu_seqlens)
         mem = last_state.get(MEMORY_KEY) if last_state is not None else None
         fresh = mem is None
-        if fresh:
-            mem = empty_memory(len(seqs), HV, self.head_k_dim, V, self.hola, v.dtype, v.device)
+        fused = kernels_enabled(v)
+        if fresh:  # the fused prefill of whole blocks writes every slot: no fills needed
+            whole = fused and B * T > len(seqs) and all(e - s >= self.hola.block_size for _, s, e in seqs)
+            mem = empty_memory(len(seqs), HV, self.head_k_dim, V, self.hola, v.dtype, v.device, init=not whole)
         elif mem['seen'].shape[0] != len(seqs):
             raise ValueError(f"the cache holds memory for {mem['seen'].shape[0]} sequences, this call has "
                              f"{len(seqs)}; pass a padding mask whose last column is all ones, or a new cache")
         params = self.mem(x)
         scale = self.head_k_dim ** -0.5
-        fused = kernels_enabled(v)
-        if fused and B * T == len(seqs):  # one token per sequence: one launch takes the state step and the memory
+        if fused and B * T == len(seqs):  # one token per sequence: the memory's kernels take the state step too
             N = len(seqs)
             step = dict(kind=self.kind, S=previous, beta=beta, a=a, A_log=getattr(self, 'A_log', None),
                         dt_bias=getattr(self, 'dt_bias', None), allow_neg_eigval=self.allow_neg_eigval)

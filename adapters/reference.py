@@ -19,6 +19,7 @@ repeat and offload it like its own state.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -31,17 +32,28 @@ def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def empty_memory(n: int, hv: int, k: int, v: int, cfg: MemoryConfig, dtype: torch.dtype,
-                 device: torch.device) -> dict[str, torch.Tensor]:
+                 device: torch.device, init: bool = True) -> dict[str, torch.Tensor]:
+    """The memory of n sequences before their first token. init=False: left uninitialised (no fill kernels), for
+    a caller whose first write covers every slot: the fused prefill of a fresh prompt of at least one block per
+    sequence. Under HOLA_POISON=1 (tests) those tensors start as NaN / 7 instead, so a slot left unwritten shows."""
     M, C = cfg.cache_size, cfg.block_size
+
+    def new(shape, value, dt=dtype):
+        if init:
+            return torch.full(shape, value, dtype=dt, device=device)
+        if os.environ.get('HOLA_POISON') == '1':
+            return torch.full(shape, float('nan') if dt.is_floating_point else 7, dtype=dt, device=device)
+        return torch.empty(shape, dtype=dt, device=device)
+
     return {
-        'cache_k': torch.zeros(n, hv, M, k, dtype=dtype, device=device),
-        'cache_v': torch.zeros(n, hv, M, v, dtype=dtype, device=device),
-        'cache_score': torch.full((n, hv, M), float('-inf'), dtype=torch.float32, device=device),
-        'cache_pos': torch.full((n, hv, M), -1, dtype=torch.long, device=device),
-        'block_k': torch.zeros(n, hv, C, k, dtype=dtype, device=device),
-        'block_v': torch.zeros(n, hv, C, v, dtype=dtype, device=device),
-        'block_score': torch.full((n, hv, C), float('-inf'), dtype=torch.float32, device=device),
-        'seen': torch.zeros(n, dtype=torch.long, device=device),
+        'cache_k': new((n, hv, M, k), 0),
+        'cache_v': new((n, hv, M, v), 0),
+        'cache_score': new((n, hv, M), float('-inf'), torch.float32),
+        'cache_pos': new((n, hv, M), -1, torch.long),
+        'block_k': new((n, hv, C, k), 0),
+        'block_v': new((n, hv, C, v), 0),
+        'block_score': new((n, hv, C), float('-inf'), torch.float32),
+        'seen': new((n,), 0, torch.long),
     }
 
 
