@@ -7,9 +7,9 @@ kernel, keys scaled by a factor from their L2-norm rstd (the model passes fla's;
 tile only for the dot, so Triton pipelines the gathers as asynchronous copies). The softmax max is a fixed
 per-row bound of the logits where that is numerically safe (no running max, no rescale), else the online
 (flash-attention) max, in a second launch for the blocks the first one flags.
-`decode_step`: one token per sequence in one launch: the recurrent step of the state (GDN or DeltaNet, in
-place, with the write score), the write into the block buffer, the read, the combination and, at a block
-end, the merge into the cache.
+`decode_step`: one token per sequence in two launches: the recurrent step of the state (GDN or DeltaNet, in
+place, with the write score), the write into the block buffer, the read and the combination, by value tiles;
+then the score and, at a block end, the merge into the cache.
 
 Both run compiled on CUDA (autotuned unless HOLA_AUTOTUNE=0) and under TRITON_INTERPRET=1 on CPU
 tensors (fixed tiles, float32 dots: the interpreter's bf16 dot is wrong in Triton 3.9).
@@ -400,103 +400,145 @@ def _beats(sa, pa, sb, pb, SURPRISE: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(Q, KR, VR, SC, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CS, CP, BKT, BVL, BS, RANK, OST,
-                   OUT, W, sw, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, ss_h, ss_v, ss_k, eps_l2, eps, scale,
-                   G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, SHARED: tl.constexpr,
-                   READ_BLOCK: tl.constexpr, SURPRISE: tl.constexpr, STEP: tl.constexpr, NEG: tl.constexpr):
-    """One program per (sequence, value head): (the recurrent step,) write the token into the block buffer,
-    read [sink, cache, block so far, the token], combine with the state output, and merge the block into the
-    cache when it ends.
+def _token(Q, KR, W, n, h, hk, sw, sq_n, sq_h, sk_n, sk_h, rk, mk, eps_l2, eps, K: tl.constexpr):
+    """The decoded token's raw q and k of value head h, q's read vector (RMSNorm, gamma, 1/sqrt(K)), k's sum of
+    squares, and the memory parameters."""
+    gqk, sink, gate = _params(W, h, sw, rk, mk, K)
+    q_raw = tl.load(Q + n * sq_n + hk * sq_h + rk, mask=mk, other=0.).to(tl.float32)
+    q = q_raw * _unit_rms(tl.sum(q_raw * q_raw, 0), eps_l2, eps, K) / tl.sqrt(K * 1.0) * gqk
+    k = tl.load(KR + n * sk_n + hk * sk_h + rk, mask=mk, other=0.).to(tl.float32)
+    return q_raw, q, k, tl.sum(k * k, 0), sink, gate
 
-    STEP 0: the score SC [N, HV] and the state output OST are given. 1: GDN's recurrent step on the state
+
+@triton.jit
+def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP, BKT, BVL, PART, OST, PM, PL, PACC,
+                   W, sw, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, ss_h, ss_v, ss_k, eps_l2, eps, scale, NVT, NS,
+                   G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, RT: tl.constexpr, BN: tl.constexpr,
+                   E: tl.constexpr, READ_BLOCK: tl.constexpr, STEP: tl.constexpr, NEG: tl.constexpr):
+    """Program (sequence, value head, p). p = iv < NVT: (the recurrent step of the state's value rows iv BV ...,)
+    and, iv = 0, the token's write into the block buffer. p = NVT + s: the softmax parts of entries [s E, s E + E)
+    of [cache, block so far] (flash-decoding): max PM, sum PL and the weighted values PACC [N, HV, NS, V].
+    `_merge_kernel` then adds the sink and the token, combines with the state output, stores the token's score and
+    merges a block that ends into the cache.
+
+    STEP 0: the state output OST is given (and the score, to `_merge_kernel`). 1: GDN's recurrent step on the state
     (strided, value/key strides given), in place: S <- alpha S + k u^T with u = beta (v - alpha S^T k),
     alpha = exp(-exp(A_log) softplus(a + dt_bias)), beta = sigmoid(b) (x2 with NEG), score ||u||, state output
-    scale * S^T q (q, k unit-L2; fla's fused recurrent step). 2: the same for DeltaNet (alpha 1, beta given)."""
-    n, h = tl.program_id(0), tl.program_id(1)
+    scale * S^T q (q, k unit-L2; fla's fused recurrent step): the tile's part of ||u||^2 goes to PART [N, HV, NVT].
+    2: the same for DeltaNet (alpha 1, beta given)."""
+    n, h, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    iv, s = pid, pid - NVT
     HV = tl.num_programs(1)
     nh = n * HV + h
     hk = h // G
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    seen = tl.load(SEEN + n)
+    fill = (seen % C).to(tl.int32)
+    q_raw, q, k, k2, sink, gate = _token(Q, KR, W, n, h, hk, sw, sq_n, sq_h, sk_n, sk_h, rk, mk, eps_l2, eps, K)
+    ku = k * tl.rsqrt(k2 + eps_l2)  # the key as the state path uses it (unit L2)
+    if iv < NVT:
+        if iv == 0:  # the token joins its block
+            rvf = tl.arange(0, BVF)
+            tl.store(BKT + (nh * C + fill) * K + rk, ku, mask=mk)
+            tl.store(BVL + (nh * C + fill) * V + rvf,
+                     tl.load(VR + n * sv_n + h * sv_h + rvf, mask=rvf < V, other=0.).to(tl.float32), mask=rvf < V)
+        if STEP > 0:
+            if STEP == 1:
+                x = tl.load(A_RAW + nh).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
+                softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+                alpha = tl.exp(-tl.exp(tl.load(A_LOG + h).to(tl.float32)) * softplus)
+                beta = tl.sigmoid(tl.load(BETA + nh).to(tl.float32))
+                if NEG:
+                    beta = beta * 2.0
+            else:
+                alpha = 1.0
+                beta = tl.load(BETA + nh).to(tl.float32)
+            qu = q_raw * tl.rsqrt(tl.sum(q_raw * q_raw, 0) + eps_l2) * scale
+            u2 = 0.0
+            for tv in range(0, BV, RT):  # RT value rows of the state at a time
+                rt = iv * BV + tv + tl.arange(0, RT)
+                mt = rt < V
+                ps = ST + n * ss_n + h * ss_h + rt[:, None] * ss_v + rk[None, :] * ss_k
+                s_t = tl.load(ps, mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32) * alpha
+                u = beta * (tl.load(VR + n * sv_n + h * sv_h + rt, mask=mt, other=0.).to(tl.float32)
+                            - tl.sum(s_t * ku[None, :], 1))
+                u2 += tl.sum(tl.where(mt, u * u, 0.), 0)
+                s_t += u[:, None] * ku[None, :]
+                tl.store(ps, s_t.to(ST.dtype.element_ty), mask=mt[:, None] & mk[None, :])
+                tl.store(OST + nh * V + rt, tl.sum(s_t * qu[None, :], 1), mask=mt)
+            tl.store(PART + nh * NVT + iv, u2)
+    else:
+        # entries: the cache [0, M), then the block's earlier tokens [M, M + fill)
+        rv = tl.arange(0, BVF)
+        mv = rv < V
+        m_i = sink * 0.0 - 1e30  # finite: an all-empty part has weight 0 below
+        l_i = sink * 0.0
+        acc = tl.zeros([BVF], dtype=tl.float32)
+        end = tl.minimum(s * E + E, M)
+        if READ_BLOCK:
+            end = tl.minimum(s * E + E, M + fill)
+        for t in range(s * E, end, BN):
+            rn = t + tl.arange(0, BN)
+            in_cache = rn < M
+            rb = rn - M
+            in_block = (rn >= M) & (rn < end)
+            valid_c = in_cache & (tl.load(CP + nh * M + rn, mask=in_cache, other=-1) >= 0)
+            kk = tl.load(CK + (nh * M + rn[:, None]) * K + rk[None, :], mask=valid_c[:, None] & mk[None, :], other=0.)
+            kk += tl.load(BKT + (nh * C + rb[:, None]) * K + rk[None, :], mask=in_block[:, None] & mk[None, :],
+                          other=0.)
+            kk = kk.to(tl.float32)
+            sc = tl.sum(kk * q[None, :], 1) * _unit_rms(tl.sum(kk * kk, 1), eps_l2, eps, K)
+            sc = tl.where(valid_c | in_block, sc, float('-inf'))
+            m_new = tl.maximum(m_i, tl.max(sc, 0))
+            alpha = tl.exp(m_i - m_new)
+            pr = tl.exp(sc - m_new)
+            vv = tl.load(CV + (nh * M + rn[:, None]) * V + rv[None, :], mask=valid_c[:, None] & mv[None, :], other=0.)
+            vv += tl.load(BVL + (nh * C + rb[:, None]) * V + rv[None, :], mask=in_block[:, None] & mv[None, :],
+                          other=0.)
+            acc = acc * alpha + tl.sum(pr[:, None] * vv.to(tl.float32), 0)
+            l_i = l_i * alpha + tl.sum(pr, 0)
+            m_i = m_new
+        tl.store(PM + nh * NS + s, m_i)
+        tl.store(PL + nh * NS + s, l_i)
+        tl.store(PACC + (nh * NS + s) * V + rv, acc, mask=mv)
+
+
+@triton.jit
+def _merge_kernel(Q, KR, VR, W, SC, PART, OST, PM, PL, PACC, OUT, SEEN, CK, CV, CS, CP, BKT, BVL, BS, RANK, sw, sq_n,
+                  sq_h, sk_n, sk_h, sv_n, sv_h, eps_l2, eps, scale, NVT, NS, G: tl.constexpr, K: tl.constexpr,
+                  V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  BC: tl.constexpr, BT: tl.constexpr, BS_: tl.constexpr, SHARED: tl.constexpr,
+                  READ_BLOCK: tl.constexpr, SURPRISE: tl.constexpr, STEP: tl.constexpr):
+    """Program (sequence, value head), after `_decode_kernel`: the softmax over [sink, the parts, the token itself],
+    the combination with the state output into OUT; the token's write score (given in SC, or the root of the value
+    tiles' parts of ||u||^2) into the block buffer; at a block end the block merges into the cache."""
+    n, h = tl.program_id(0), tl.program_id(1)
+    nh = n * tl.num_programs(1) + h
     rk = tl.arange(0, BK)
     mk = rk < K
     rv = tl.arange(0, BV)
     mv = rv < V
     seen = tl.load(SEEN + n)
     fill = (seen % C).to(tl.int32)
-    gqk, sink, gate = _params(W, h, sw, rk, mk, K)
-    q_raw = tl.load(Q + n * sq_n + hk * sq_h + rk, mask=mk, other=0.).to(tl.float32)
-    q = q_raw * _unit_rms(tl.sum(q_raw * q_raw, 0), eps_l2, eps, K) / tl.sqrt(K * 1.0) * gqk
-    k = tl.load(KR + n * sk_n + hk * sk_h + rk, mask=mk, other=0.).to(tl.float32)
-    k2 = tl.sum(k * k, 0)
-    v = tl.load(VR + n * sv_n + h * sv_h + rv, mask=mv, other=0.).to(tl.float32)
-    # the token joins its block (the key unit-L2, as the state path uses it)
-    ku = k * tl.rsqrt(k2 + eps_l2)
-    tl.store(BKT + (nh * C + fill) * K + rk, ku, mask=mk)
-    tl.store(BVL + (nh * C + fill) * V + rv, v, mask=mv)
-    if STEP == 0:
-        score = tl.load(SC + nh)
-    else:
-        if STEP == 1:
-            x = tl.load(A_RAW + nh).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
-            softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
-            alpha = tl.exp(-tl.exp(tl.load(A_LOG + h).to(tl.float32)) * softplus)
-            beta = tl.sigmoid(tl.load(BETA + nh).to(tl.float32))
-            if NEG:
-                beta = beta * 2.0
-        else:
-            alpha = 1.0
-            beta = tl.load(BETA + nh).to(tl.float32)
-        qu = q_raw * tl.rsqrt(tl.sum(q_raw * q_raw, 0) + eps_l2) * scale
-        u2 = 0.0
-        for tv in range(0, V, 64):  # 64 value rows of the state at a time
-            rt = tv + tl.arange(0, 64)
-            mt = rt < V
-            ps = ST + n * ss_n + h * ss_h + rt[:, None] * ss_v + rk[None, :] * ss_k
-            s_t = tl.load(ps, mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32) * alpha
-            u = beta * (tl.load(VR + n * sv_n + h * sv_h + rt, mask=mt, other=0.).to(tl.float32)
-                        - tl.sum(s_t * ku[None, :], 1))
-            u2 += tl.sum(tl.where(mt, u * u, 0.), 0)
-            s_t += u[:, None] * ku[None, :]
-            tl.store(ps, s_t.to(ST.dtype.element_ty), mask=mt[:, None] & mk[None, :])
-            tl.store(OST + nh * V + rt, tl.sum(s_t * qu[None, :], 1), mask=mt)
-        score = tl.sqrt(u2)
-        tl.debug_barrier()  # the state output is read back below by other threads
-    tl.store(BS + nh * C + fill, score)
-    m_i = sink
-    l_i = sink * 0.0 + 1.0
-    acc = tl.zeros([BV], dtype=tl.float32)
-    if READ_BLOCK:
-        nfill = fill
-    else:
-        nfill = fill * 0
-    for t in range(0, M + nfill, BN):  # cache entries [0, M), then the block's earlier entries [M, M + fill)
-        rn = t + tl.arange(0, BN)
-        in_cache = rn < M
-        rb = rn - M
-        in_block = (rn >= M) & (rb < nfill)
-        valid_c = in_cache & (tl.load(CP + nh * M + rn, mask=in_cache, other=-1) >= 0)
-        kk = tl.load(CK + (nh * M + rn[:, None]) * K + rk[None, :], mask=valid_c[:, None] & mk[None, :], other=0.)
-        kk += tl.load(BKT + (nh * C + rb[:, None]) * K + rk[None, :], mask=in_block[:, None] & mk[None, :], other=0.)
-        kk = kk.to(tl.float32)
-        s = tl.sum(kk * q[None, :], 1) * _unit_rms(tl.sum(kk * kk, 1), eps_l2, eps, K)
-        s = tl.where(valid_c | in_block, s, float('-inf'))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
-        vv = tl.load(CV + (nh * M + rn[:, None]) * V + rv[None, :], mask=valid_c[:, None] & mv[None, :], other=0.)
-        vv += tl.load(BVL + (nh * C + rb[:, None]) * V + rv[None, :], mask=in_block[:, None] & mv[None, :], other=0.)
-        acc = acc * alpha + tl.sum(p[:, None] * vv.to(tl.float32), 0)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        m_i = m_new
+    _, q, k, k2, sink, gate = _token(Q, KR, W, n, h, h // G, sw, sq_n, sq_h, sk_n, sk_h, rk, mk, eps_l2, eps, K)
+    rs = tl.arange(0, BS_)
+    pm = tl.load(PM + nh * NS + rs, mask=rs < NS, other=-1e30)
+    pl = tl.load(PL + nh * NS + rs, mask=rs < NS, other=0.)
+    pacc = tl.load(PACC + (nh * NS + rs[:, None]) * V + rv[None, :], mask=(rs < NS)[:, None] & mv[None, :], other=0.)
+    m = tl.maximum(tl.max(pm, 0), sink)
     if READ_BLOCK:  # the token itself
-        s = tl.sum(k * q, 0) * _unit_rms(k2, eps_l2, eps, K)
-        m_new = tl.maximum(m_i, s)
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
-        acc = acc * alpha + p * v
-        l_i = l_i * alpha + p
-        m_i = m_new
-    w0 = tl.exp(sink - m_i) / l_i
+        s_self = tl.sum(k * q, 0) * _unit_rms(k2, eps_l2, eps, K)
+        m = tl.maximum(m, s_self)
+    wp = tl.exp(pm - m)
+    l_i = tl.exp(sink - m) + tl.sum(pl * wp, 0)
+    acc = tl.sum(pacc * wp[:, None], 0)
+    if READ_BLOCK:
+        p_self = tl.exp(s_self - m)
+        l_i += p_self
+        acc += p_self * tl.load(VR + n * sv_n + h * sv_h + rv, mask=mv, other=0.).to(tl.float32)
+    w0 = tl.exp(sink - m) / l_i
     read = acc / l_i * scale
     ost = tl.load(OST + nh * V + rv, mask=mv, other=0.).to(tl.float32)
     if SHARED:
@@ -504,11 +546,17 @@ def _decode_kernel(Q, KR, VR, SC, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV,
     else:
         o = ost + tl.sigmoid(gate) * read
     tl.store(OUT + nh * V + rv, o, mask=mv)
+    if STEP == 0:
+        score = tl.load(SC + nh)
+    else:
+        rt = tl.arange(0, BT)
+        score = tl.sqrt(tl.sum(tl.load(PART + nh * NVT + rt, mask=rt < NVT, other=0.), 0))
+    tl.store(BS + nh * C + fill, score)
     if M > 0:
         if fill == C - 1:
             # the block ends: new cache = top-M of [cache, block] by priority. The cache is kept in priority
             # order, so entry i moves to slot i + (block entries beating it) >= i: move tiles from the last.
-            tl.debug_barrier()  # the token's writes above are visible to every thread
+            tl.debug_barrier()  # the score stored above is visible to every thread
             start = seen + 1 - C
             rc = tl.arange(0, BC)
             bs = tl.load(BS + nh * C + rc, mask=rc < C, other=float('-inf'))
@@ -559,11 +607,13 @@ def _decode_kernel(Q, KR, VR, SC, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV,
             tl.store(BS + nh * C + rc, tl.full([BC], float('-inf'), tl.float32), mask=rc < C)
 
 
+
+
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, weight: torch.Tensor, eps: float,
                 scale: float, shared: bool, read_block: bool, eviction: str, score: torch.Tensor | None = None,
                 o_state: torch.Tensor | None = None, state: dict | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """One token for every sequence, in one launch: raw q, k [N, H, K] (before the L2 norm), v [N, HV, V];
+    """One token for every sequence, in two launches: raw q, k [N, H, K] (before the L2 norm), v [N, HV, V];
     weight [HV, 2K + 2] the packed memory parameters. Either `score` [N, HV] and `o_state` [N, HV, V] are
     given, or `state` holds the recurrent step's inputs: kind ('gdn' or 'deltanet'), S (the state before this
     token in fla's layout, updated in place; None: zero, then state['S'] gets the new state), beta ([N, HV];
@@ -589,12 +639,21 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, we
             (S.stride(0), S.stride(1), S.stride(3), S.stride(2))
         a, a_log, dt_bias = ((state['a'].reshape(N, HV), state['A_log'], state['dt_bias']) if gdn else (beta,) * 3)
         neg, score = gdn and state['allow_neg_eigval'], beta
-    launch = {'BN': 16} if INTERPRET else {'BN': 64, 'num_warps': 8}
-    _decode_kernel[(N, HV)](q, k, v, score, S, beta, a, a_log, dt_bias, mem['seen'], mem['cache_k'], mem['cache_v'],
-                            mem['cache_score'], mem['cache_pos'], mem['block_k'], mem['block_v'], mem['block_score'],
-                            torch.empty(N, HV, C, dtype=torch.int32, device=q.device), o_state, out, weight,
-                            weight.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                            v.stride(1), *s_strides, 1e-6, eps, scale, G=HV // H, K=K, V=V, M=M, C=C, BK=_pow2(K),
-                            BV=_pow2(V), BC=_pow2(C), SHARED=shared, READ_BLOCK=read_block,
-                            SURPRISE=eviction == 'surprise', STEP=step, NEG=neg, **launch)
+    # programs: the state's value rows in tiles of BV, the read's entries in parts of E (flash-decoding)
+    BV, E = _pow2(min(V, 16 if INTERPRET else 32)), (16 if INTERPRET else 64)
+    NVT, NS = triton.cdiv(V, BV), triton.cdiv(M + C, E)
+    part = torch.empty(N, HV, NVT, device=q.device)  # the value tiles' parts of the score
+    pm, pl, pacc = (torch.empty(N, HV, NS, *d, device=q.device) for d in ((), (), (V,)))
+    strides = (weight.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    common = dict(G=HV // H, K=K, V=V, M=M, C=C, BK=_pow2(K), READ_BLOCK=read_block, STEP=step)
+    _decode_kernel[(N, HV, NVT + NS)](
+        q, k, v, S, beta, a, a_log, dt_bias, mem['seen'], mem['cache_k'], mem['cache_v'], mem['cache_pos'],
+        mem['block_k'], mem['block_v'], part, o_state, pm, pl, pacc, weight, *strides, *s_strides, 1e-6, eps, scale,
+        NVT, NS, BV=BV, BVF=_pow2(V), RT=min(BV, 16), BN=16 if INTERPRET else 32, E=E, NEG=neg, **common,
+        num_warps=4 if INTERPRET else 8)
+    _merge_kernel[(N, HV)](q, k, v, weight, score, part, o_state, pm, pl, pacc, out, mem['seen'], mem['cache_k'],
+                           mem['cache_v'], mem['cache_score'], mem['cache_pos'], mem['block_k'], mem['block_v'],
+                           mem['block_score'], torch.empty(N, HV, C, dtype=torch.int32, device=q.device), *strides,
+                           1e-6, eps, scale, NVT, NS, BV=_pow2(V), BC=_pow2(C), BT=_pow2(NVT, 2), BS_=_pow2(NS, 2),
+                           SHARED=shared, SURPRISE=eviction == 'surprise', **common, num_warps=4 if INTERPRET else 8)
     return out

@@ -267,8 +267,8 @@ def test_bf16_kernels_within_1e2_of_fp32_reference():
 
 @torch.no_grad()
 def test_model_with_kernels_equals_reference_model(monkeypatch, kind):
-    model = hola_from_base(tiny_base(kind), cache_size=6, block_size=16, sink_init=2.0, gamma_init=1.5)
-    ids = torch.randint(3, VOCAB, (2, 56))
+    model = hola_from_base(tiny_base(kind), cache_size=6, block_size=16, sink_init=2.0, gamma_init=1.5).to(DEV)
+    ids = torch.randint(3, VOCAB, (2, 56), device=DEV)
 
     def run():  # 38 prefilled, then 18 decode steps across a block end (48): score, write, read, merge
         out = model(ids[:, :38], use_cache=True)
@@ -282,7 +282,8 @@ def test_model_with_kernels_equals_reference_model(monkeypatch, kind):
     monkeypatch.setenv('HOLA_KERNELS', '1')
     if DEV == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':
         pytest.skip('needs TRITON_INTERPRET=1 on CPU')
-    assert rel(run(), ref) < 1e-4
+    # on CUDA the reference's state path is fla's (TF32 for float32), the kernels' own state output and step IEEE
+    assert rel(run(), ref) < (2e-3 if DEV == 'cuda' else 1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked prefill, whose pieces the kernel reads: CUDA")
