@@ -78,8 +78,10 @@ def _store_kernel(IDX, KO, VO, SO, PO, KN, VN, SN, CK, CV, CS, CP, BKT, BVL, BS,
         k = k * tl.rsqrt(tl.sum(k * k, 1) + 1e-6)[:, None]
         v = tl.load(VN + t[:, None] * sv_t + h * sv_h + rv[None, :], mask=w[:, None] & mv[None, :], other=0.)
         v = v.to(tl.float32)
-        tl.store(BKT + (h * C + r[:, None]) * K + rk[None, :], k.to(BKT.dtype.element_ty), mask=ws[:, None] & mk[None, :])
-        tl.store(BVL + (h * C + r[:, None]) * V + rv[None, :], v.to(BVL.dtype.element_ty), mask=ws[:, None] & mv[None, :])
+        tl.store(BKT + (h * C + r[:, None]) * K + rk[None, :], k.to(BKT.dtype.element_ty),
+                 mask=ws[:, None] & mk[None, :])
+        tl.store(BVL + (h * C + r[:, None]) * V + rv[None, :], v.to(BVL.dtype.element_ty),
+                 mask=ws[:, None] & mv[None, :])
         s = tl.load(SN + t * ss_t + h * ss_h, mask=w, other=float('-inf'))
         tl.store(BS + h * C + r, s, mask=ws)
     if (p == 0) & (h == 0):
