@@ -5,8 +5,8 @@
 
 Rows: prefill tokens/s and decode ms/token for the base model, the retrofit with the PyTorch memory
 (HOLA_KERNELS=0) and with the fused kernels, every figure also as a ratio to the base measured in the
-same run; on CUDA also the prefill replayed as a CUDA graph (the device's time, free of host launch
-overhead); peak memory; a 24-layer SDPA causal attention stack (hidden 1024, 8 heads x 128) as the
+same run; on CUDA also the prefill and one decode step replayed as CUDA graphs (the device's time, free of
+host launch overhead); peak memory; a 24-layer SDPA causal attention stack (hidden 1024, 8 heads x 128) as the
 full-attention reference; then the read kernel's achieved bandwidth and FLOP/s against the device's
 measured copy bandwidth and bf16 matmul rate. Random weights (speed only). Prints the machine first.
 """
@@ -112,6 +112,14 @@ def measure(model, T, dev, reps, decode_steps, vocab):
             r['prefill_graph_ms'] = graph_ms(lambda: model(ids, use_cache=True, logits_to_keep=1), max(reps, 5))
         except RuntimeError as e:  # a model that cannot be captured: say so in its row
             r['prefill_graph_error'] = f'{type(e).__name__}: {str(e)[:200]}'
+        torch.cuda.empty_cache()
+        # one decode step after the prompt, replayed (each replay steps the same state again: same work)
+        cache = model(ids, use_cache=True, logits_to_keep=1).past_key_values
+        try:
+            r['decode_graph_ms'] = graph_ms(lambda: model(nxt, past_key_values=cache, use_cache=True), 20)
+        except RuntimeError as e:
+            r['decode_graph_error'] = f'{type(e).__name__}: {str(e)[:200]}'
+        del cache
         torch.cuda.empty_cache()
     return r
 
@@ -331,6 +339,8 @@ def main():
                           prefill_graph_vs_base=(r['prefill_graph_ms'] / b['prefill_graph_ms']
                                                  if 'prefill_graph_ms' in r and 'prefill_graph_ms' in b else None),
                           decode_vs_base=r['decode_ms'] / r.get('base_decode_ms_interleaved', b['decode_ms']),
+                          decode_graph_vs_base=(r['decode_graph_ms'] / b['decode_graph_ms']
+                                                if 'decode_graph_ms' in r and 'decode_graph_ms' in b else None),
                           peak_vs_base=r['peak_MiB'] / b['peak_MiB'] if dev == 'cuda' else None))
             del hola
     if dev == 'cuda' and not args.no_kernel_rows:
@@ -353,7 +363,7 @@ def main():
 
 def table(rows):
     out = [f"{'T':>6} {'model':<34} {'prefill tok/s':>14} {'x base':>7} {'graph ms':>9} {'x base':>7} "
-           f"{'decode ms':>10} {'x base':>7} {'peak MiB':>9}"]
+           f"{'decode ms':>10} {'x base':>7} {'graph ms':>9} {'x base':>7} {'peak MiB':>9}"]
     nan = float('nan')
     for r in rows:
         if 'model' not in r:
@@ -361,7 +371,8 @@ def table(rows):
         x = lambda key: 1.0 if r['model'] == 'base fla' else (r.get(key) or nan)  # noqa: E731
         out.append(f"{r['T']:>6} {r['model']:<34} {r.get('prefill_tok_s', nan):>14.0f} {x('prefill_vs_base'):>7.3f} "
                    f"{r.get('prefill_graph_ms', nan):>9.2f} {x('prefill_graph_vs_base'):>7.3f} "
-                   f"{r.get('decode_ms', nan):>10.2f} {x('decode_vs_base'):>7.3f} {r.get('peak_MiB', nan):>9.0f}")
+                   f"{r.get('decode_ms', nan):>10.2f} {x('decode_vs_base'):>7.3f} "
+                   f"{r.get('decode_graph_ms', nan):>9.3f} {x('decode_graph_vs_base'):>7.3f} {r.get('peak_MiB', nan):>9.0f}")
     return '\n'.join(out)
 
 
