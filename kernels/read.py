@@ -412,7 +412,7 @@ def _token(Q, KR, W, n, h, hk, sw, sq_n, sq_h, sk_n, sk_h, rk, mk, eps_l2, eps, 
 
 @triton.jit
 def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP, BKT, BVL, PART, OST, PM, PL, PACC,
-                   W, sw, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, ss_h, ss_v, ss_k, eps_l2, eps, scale, NVT, NS,
+                   W, sw, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, ss_h, ss_v, ss_k, sp, so, eps_l2, eps, scale, NVT, NS,
                    G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, RT: tl.constexpr, BN: tl.constexpr,
                    E: tl.constexpr, READ_BLOCK: tl.constexpr, STEP: tl.constexpr, NEG: tl.constexpr):
@@ -467,8 +467,8 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
                 u2 += tl.sum(tl.where(mt, u * u, 0.), 0)
                 s_t += u[:, None] * ku[None, :]
                 tl.store(ps, s_t.to(ST.dtype.element_ty), mask=mt[:, None] & mk[None, :])
-                tl.store(OST + nh * V + rt, tl.sum(s_t * qu[None, :], 1), mask=mt)
-            tl.store(PART + nh * NVT + iv, u2)
+                tl.store(OST + nh * so + rt, tl.sum(s_t * qu[None, :], 1), mask=mt)
+            tl.store(PART + nh * sp + iv, u2)
     else:
         # entries: the cache [0, M), then the block's earlier tokens [M, M + fill)
         rv = tl.arange(0, BVF)
@@ -500,14 +500,14 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
             acc = acc * alpha + tl.sum(pr[:, None] * vv.to(tl.float32), 0)
             l_i = l_i * alpha + tl.sum(pr, 0)
             m_i = m_new
-        tl.store(PM + nh * NS + s, m_i)
-        tl.store(PL + nh * NS + s, l_i)
-        tl.store(PACC + (nh * NS + s) * V + rv, acc, mask=mv)
+        tl.store(PM + nh * sp + s, m_i)
+        tl.store(PL + nh * sp + s, l_i)
+        tl.store(PACC + nh * sp + s * V + rv, acc, mask=mv)
 
 
 @triton.jit
 def _merge_kernel(Q, KR, VR, W, SC, PART, OST, PM, PL, PACC, OUT, SEEN, CK, CV, CS, CP, BKT, BVL, BS, RANK, sw, sq_n,
-                  sq_h, sk_n, sk_h, sv_n, sv_h, eps_l2, eps, scale, NVT, NS, G: tl.constexpr, K: tl.constexpr,
+                  sq_h, sk_n, sk_h, sv_n, sv_h, sp, so, eps_l2, eps, scale, NVT, NS, G: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   BC: tl.constexpr, BT: tl.constexpr, BS_: tl.constexpr, SHARED: tl.constexpr,
                   READ_BLOCK: tl.constexpr, SURPRISE: tl.constexpr, STEP: tl.constexpr):
@@ -524,9 +524,9 @@ def _merge_kernel(Q, KR, VR, W, SC, PART, OST, PM, PL, PACC, OUT, SEEN, CK, CV, 
     fill = (seen % C).to(tl.int32)
     _, q, k, k2, sink, gate = _token(Q, KR, W, n, h, h // G, sw, sq_n, sq_h, sk_n, sk_h, rk, mk, eps_l2, eps, K)
     rs = tl.arange(0, BS_)
-    pm = tl.load(PM + nh * NS + rs, mask=rs < NS, other=-1e30)
-    pl = tl.load(PL + nh * NS + rs, mask=rs < NS, other=0.)
-    pacc = tl.load(PACC + (nh * NS + rs[:, None]) * V + rv[None, :], mask=(rs < NS)[:, None] & mv[None, :], other=0.)
+    pm = tl.load(PM + nh * sp + rs, mask=rs < NS, other=-1e30)
+    pl = tl.load(PL + nh * sp + rs, mask=rs < NS, other=0.)
+    pacc = tl.load(PACC + nh * sp + rs[:, None] * V + rv[None, :], mask=(rs < NS)[:, None] & mv[None, :], other=0.)
     m = tl.maximum(tl.max(pm, 0), sink)
     if READ_BLOCK:  # the token itself
         s_self = tl.sum(k * q, 0) * _unit_rms(k2, eps_l2, eps, K)
@@ -540,7 +540,7 @@ def _merge_kernel(Q, KR, VR, W, SC, PART, OST, PM, PL, PACC, OUT, SEEN, CK, CV, 
         acc += p_self * tl.load(VR + n * sv_n + h * sv_h + rv, mask=mv, other=0.).to(tl.float32)
     w0 = tl.exp(sink - m) / l_i
     read = acc / l_i * scale
-    ost = tl.load(OST + nh * V + rv, mask=mv, other=0.).to(tl.float32)
+    ost = tl.load(OST + nh * so + rv, mask=mv, other=0.).to(tl.float32)
     if SHARED:
         o = w0 * ost + read
     else:
@@ -550,7 +550,7 @@ def _merge_kernel(Q, KR, VR, W, SC, PART, OST, PM, PL, PACC, OUT, SEEN, CK, CV, 
         score = tl.load(SC + nh)
     else:
         rt = tl.arange(0, BT)
-        score = tl.sqrt(tl.sum(tl.load(PART + nh * NVT + rt, mask=rt < NVT, other=0.), 0))
+        score = tl.sqrt(tl.sum(tl.load(PART + nh * sp + rt, mask=rt < NVT, other=0.), 0))
     tl.store(BS + nh * C + fill, score)
     if M > 0:
         if fill == C - 1:
@@ -571,7 +571,7 @@ def _merge_kernel(Q, KR, VR, W, SC, PART, OST, PM, PL, PACC, OUT, SEEN, CK, CV, 
                 cp = tl.load(CP + nh * M + r, mask=mr, other=-1)
                 rank += tl.sum((_beats(cs[:, None], cp[:, None], bs[None, :], bp[None, :], SURPRISE)
                                 & mr[:, None]).to(tl.int32), 0)
-            tl.store(RANK + nh * C + rc, rank, mask=rc < C)
+            tl.store(RANK + nh * sp + rc, rank, mask=rc < C)
             tl.debug_barrier()
             NT: tl.constexpr = (M + 15) // 16
             for i in range(0, NT):
@@ -594,7 +594,7 @@ def _merge_kernel(Q, KR, VR, W, SC, PART, OST, PM, PL, PACC, OUT, SEEN, CK, CV, 
                 mj = rj < C
                 sj = tl.load(BS + nh * C + rj, mask=mj, other=float('-inf'))
                 pj = start + rj
-                dst = tl.load(RANK + nh * C + rj, mask=mj, other=M)
+                dst = tl.load(RANK + nh * sp + rj, mask=mj, other=M)
                 keep = mj & (dst < M)
                 bk = tl.load(BKT + (nh * C + rj[:, None]) * K + rk[None, :], mask=mj[:, None] & mk[None, :], other=0.)
                 bv = tl.load(BVL + (nh * C + rj[:, None]) * V + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.)
@@ -625,6 +625,15 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, we
     M, C = mem['cache_k'].shape[2], mem['block_k'].shape[2]
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == weight.stride(-1) == 1
     out = torch.empty(N, HV, V, dtype=v.dtype, device=v.device) if out is None else out
+    # programs: the state's value rows in tiles of BV, the read's entries in parts of E (flash-decoding)
+    BV, E = _pow2(min(V, 16 if INTERPRET else 32)), (16 if INTERPRET else 64)
+    NVT, NS = triton.cdiv(V, BV), triton.cdiv(M + C, E)
+    # the kernels' scratch in one allocation (host time: decode is host-bound): the value tiles' parts of the
+    # score, the entry parts' max, sum and values, the block merge's ranks, and the state output where computed
+    sizes = [NVT, NS, NS, NS * V, C] + ([] if state is None else [V])
+    scratch = torch.empty(N, HV, sum(sizes), device=q.device).split(sizes, -1)
+    part, pm, pl, pacc, rank = scratch[:5]
+    rank = rank.view(torch.int32)
     if state is None:
         assert o_state.is_contiguous()
         step, S, beta, a, a_log, dt_bias, neg = 0, score.float().contiguous(), score, score, score, score, False
@@ -632,28 +641,23 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, we
     else:
         gdn = state['kind'] == 'gdn'
         step, S, beta = (1 if gdn else 2), state['S'], state['beta'].reshape(N, HV)
-        o_state = torch.empty(N, HV, V, device=q.device)  # the kernel's scratch: not `out`, read and written
+        o_state = scratch[5]  # the kernel's scratch: not `out`, read and written
         if S is None:  # no earlier token: the state is zero
             S = state['S'] = torch.zeros((N, HV, V, K) if gdn else (N, HV, K, V), device=q.device)
         s_strides = (S.stride(0), S.stride(1), S.stride(2), S.stride(3)) if gdn else \
             (S.stride(0), S.stride(1), S.stride(3), S.stride(2))
         a, a_log, dt_bias = ((state['a'].reshape(N, HV), state['A_log'], state['dt_bias']) if gdn else (beta,) * 3)
         neg, score = gdn and state['allow_neg_eigval'], beta
-    # programs: the state's value rows in tiles of BV, the read's entries in parts of E (flash-decoding)
-    BV, E = _pow2(min(V, 16 if INTERPRET else 32)), (16 if INTERPRET else 64)
-    NVT, NS = triton.cdiv(V, BV), triton.cdiv(M + C, E)
-    part = torch.empty(N, HV, NVT, device=q.device)  # the value tiles' parts of the score
-    pm, pl, pacc = (torch.empty(N, HV, NS, *d, device=q.device) for d in ((), (), (V,)))
     strides = (weight.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    sps = (part.stride(1), o_state.stride(1))  # rows [N, HV] of the scratch and of the state output
     common = dict(G=HV // H, K=K, V=V, M=M, C=C, BK=_pow2(K), READ_BLOCK=read_block, STEP=step)
     _decode_kernel[(N, HV, NVT + NS)](
         q, k, v, S, beta, a, a_log, dt_bias, mem['seen'], mem['cache_k'], mem['cache_v'], mem['cache_pos'],
-        mem['block_k'], mem['block_v'], part, o_state, pm, pl, pacc, weight, *strides, *s_strides, 1e-6, eps, scale,
-        NVT, NS, BV=BV, BVF=_pow2(V), RT=min(BV, 16), BN=16 if INTERPRET else 32, E=E, NEG=neg, **common,
+        mem['block_k'], mem['block_v'], part, o_state, pm, pl, pacc, weight, *strides, *s_strides, *sps, 1e-6, eps,
+        scale, NVT, NS, BV=BV, BVF=_pow2(V), RT=min(BV, 16), BN=16 if INTERPRET else 32, E=E, NEG=neg, **common,
         num_warps=4 if INTERPRET else 8)
     _merge_kernel[(N, HV)](q, k, v, weight, score, part, o_state, pm, pl, pacc, out, mem['seen'], mem['cache_k'],
                            mem['cache_v'], mem['cache_score'], mem['cache_pos'], mem['block_k'], mem['block_v'],
-                           mem['block_score'], torch.empty(N, HV, C, dtype=torch.int32, device=q.device), *strides,
-                           1e-6, eps, scale, NVT, NS, BV=_pow2(V), BC=_pow2(C), BT=_pow2(NVT, 2), BS_=_pow2(NS, 2),
+                           mem['block_score'], rank, *strides, *sps, 1e-6, eps, scale, NVT, NS, BV=_pow2(V), BC=_pow2(C), BT=_pow2(NVT, 2), BS_=_pow2(NS, 2),
                            SHARED=shared, SURPRISE=eviction == 'surprise', **common, num_warps=4 if INTERPRET else 8)
     return out
