@@ -412,7 +412,8 @@ def _token(Q, KR, W, n, h, hk, sw, sq_n, sq_h, sk_n, sk_h, rk, mk, eps_l2, eps, 
 
 @triton.jit
 def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP, BKT, BVL, PART, OST, PM, PL, PACC,
-                   W, sw, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, ss_h, ss_v, ss_k, sp, so, eps_l2, eps, scale, NVT, NS,
+                   W, sw, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, ss_h, ss_v, ss_k, sp, so, eps_l2, eps, scale, NVT,
+                   NS,
                    G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, RT: tl.constexpr, BN: tl.constexpr,
                    E: tl.constexpr, READ_BLOCK: tl.constexpr, STEP: tl.constexpr, NEG: tl.constexpr):
@@ -658,6 +659,7 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, we
         num_warps=4 if INTERPRET else 8)
     _merge_kernel[(N, HV)](q, k, v, weight, score, part, o_state, pm, pl, pacc, out, mem['seen'], mem['cache_k'],
                            mem['cache_v'], mem['cache_score'], mem['cache_pos'], mem['block_k'], mem['block_v'],
-                           mem['block_score'], rank, *strides, *sps, 1e-6, eps, scale, NVT, NS, BV=_pow2(V), BC=_pow2(C), BT=_pow2(NVT, 2), BS_=_pow2(NS, 2),
-                           SHARED=shared, SURPRISE=eviction == 'surprise', **common, num_warps=4 if INTERPRET else 8)
+                           mem['block_score'], rank, *strides, *sps, 1e-6, eps, scale, NVT, NS, BV=_pow2(V),
+                           BC=_pow2(C), BT=_pow2(NVT, 2), BS_=_pow2(NS, 2), SHARED=shared,
+                           SURPRISE=eviction == 'surprise', **common, num_warps=4 if INTERPRET else 8)
     return out
