@@ -113,7 +113,8 @@ def measure(model, T, dev, reps, decode_steps, vocab):
         except RuntimeError as e:  # a model that cannot be captured: say so in its row
             r['prefill_graph_error'] = f'{type(e).__name__}: {str(e)[:200]}'
         torch.cuda.empty_cache()
-        # one decode step after the prompt, replayed (each replay steps the same state again: same work)
+        # one decode step after the prompt, replayed: each replay steps the state again (the memory's position
+        # advances too: a block merge every C replays, which the median leaves out)
         cache = model(ids, use_cache=True, logits_to_keep=1).past_key_values
         try:
             r['decode_graph_ms'] = graph_ms(lambda: model(nxt, past_key_values=cache, use_cache=True), 20)

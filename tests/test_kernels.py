@@ -34,7 +34,7 @@ def rel(a, b):
 @pytest.mark.parametrize('M,C,N,tile', [(4, 3, 40, 2048), (7, 5, 61, 2048), (16, 4, 30, 2048), (1, 8, 33, 2048),
                                          (4, 3, 40, 16), (20, 7, 200, 16)])
 def test_select_equals_brute_force(monkeypatch, eviction, M, C, N, tile):
-    """Each block's cache against a sort of its earlier candidates; tile 16: the walk over the sorted list in many steps."""
+    """Each block's cache against a sort of its earlier candidates; tile 16: the walk takes many steps."""
     monkeypatch.setattr(select, 'TILE', tile)
     g = torch.Generator().manual_seed(M + N)
     HV = 3
