@@ -183,10 +183,11 @@ def test_prefill_kernel_state_output(HV, H, K, V, M, C, L, gated_state, rule, sh
     assert rel(out, ref) < 1e-4
 
 
-@pytest.mark.parametrize('read_block', [True, False])
+@pytest.mark.parametrize('read_block,M,V', [(True, 6, 24), (False, 6, 24), (True, 40, 48)])
 @torch.no_grad()
-def test_decode_kernel_equals_reference(read_block):
-    HV, K, V, M, C = 2, 16, 24, 6, 16
+def test_decode_kernel_equals_reference(read_block, M, V):
+    """M 6: two parts of 16 entries, two value tiles of 16 (interpreter sizes); M 40: four parts, three tiles."""
+    HV, K, C = 2, 16, 16
     cfg = MemoryConfig(cache_size=M, block_size=C, read_block=read_block)
     N, steps = 2, 2 * C + 5
     mem_ref = empty_memory(N, HV, K, V, cfg, torch.float32, torch.device(DEV))
