@@ -39,9 +39,10 @@ def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dic
     L2 norm, not expanded to the value heads): the kernels normalise them. Writes the output into `out`
     (default: a new float32 tensor; o_state itself may be passed) and returns it. `fresh=True` says the
     memory is empty (a prompt's first call): the candidates are the new tokens alone, nothing is read back
-    from the device, and the whole call is four launches (sort, selection, read, state). `k_rstd` [L, H]: the
-    L2 norm's rstd of the raw keys, where the state path has it (fla's l2norm_fwd); else computed. `state`: the
-    state path's pieces (see read.prefill_read), to compute the state output in the read kernel (o_state None)."""
+    from the device; the call launches the sort, the selection, the read and its online pass, and the state store.
+    `k_rstd` [L, H]: the L2 norm's rstd of the raw keys, where the state path has it (fla's l2norm_fwd); else
+    computed. `state`: the state path's pieces (see read.prefill_read), to compute the state output in the read
+    kernel (o_state None)."""
     from .read import prefill_read
     from .write import store_state
     C, M = cfg.block_size, cfg.cache_size

@@ -438,8 +438,8 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
     seen = tl.load(SEEN + n)
     fill = (seen % C).to(tl.int32)
     q_raw, q, k, k2, sink, gate = _token(Q, KR, W, n, h, hk, sw, sq_n, sq_h, sk_n, sk_h, rk, mk, eps_l2, eps, K)
-    ku = k * tl.rsqrt(k2 + eps_l2)  # the key as the state path uses it (unit L2)
     if iv < NVT:
+        ku = k * tl.rsqrt(k2 + eps_l2)  # the key as the state path uses it (unit L2)
         if iv == 0:  # the token joins its block
             rvf = tl.arange(0, BVF)
             tl.store(BKT + (nh * C + fill) * K + rk, ku, mask=mk)
@@ -606,8 +606,6 @@ def _merge_kernel(Q, KR, VR, W, SC, PART, OST, PM, PL, PACC, OUT, SEEN, CK, CV, 
                 tl.store(CV + (nh * M + dst[:, None]) * V + rv[None, :], bv, mask=keep[:, None] & mv[None, :])
             tl.debug_barrier()
             tl.store(BS + nh * C + rc, tl.full([BC], float('-inf'), tl.float32), mask=rc < C)
-
-
 
 
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, weight: torch.Tensor, eps: float,
