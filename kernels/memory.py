@@ -76,12 +76,10 @@ def memory_prefill_fused(mem: dict, n: int, q, k, v, score, o_state, params: dic
 
 def memory_decode_fused(mem: dict, q, k, v, params: dict, cfg, scale: float, score=None, o_state=None,
                         state: dict | None = None, out: torch.Tensor | None = None):
-    """One token for every sequence, raw q, k [N, H, K], v [N, HV, V], in two kernel launches (write, read,
-    combine; then the score and the merge at block ends) and the position update. No host sync. Either `score`
+    """One token for every sequence, raw q, k [N, H, K], v [N, HV, V], in one kernel launch (write, read,
+    combine, the score and the merge at block ends) and the position update. No host sync. Either `score`
     [N, HV] and `o_state` [N, HV, V] are given, or `state` (see read.decode_step): then the kernels also take the
     recurrent step, S updated in place (state['S'] holds the new state) and o_state computed from it."""
     from .read import decode_step
-    out = decode_step(q, k, v, mem, packed_weight(params), cfg.norm_eps, scale, cfg.read_rule == 'shared',
-                      cfg.read_block, cfg.eviction, score=score, o_state=o_state, state=state, out=out)
-    mem['seen'] += 1
-    return out
+    return decode_step(q, k, v, mem, packed_weight(params), cfg.norm_eps, scale, cfg.read_rule == 'shared',
+                       cfg.read_block, cfg.eviction, score=score, o_state=o_state, state=state, out=out)

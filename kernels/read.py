@@ -7,9 +7,9 @@ kernel, keys scaled by a factor from their L2-norm rstd (the model passes fla's;
 tile only for the dot, so Triton pipelines the gathers as asynchronous copies). The softmax max is a fixed
 per-row bound of the logits where that is numerically safe (no running max, no rescale), else the online
 (flash-attention) max, in a second launch for the blocks the first one flags.
-`decode_step`: one token per sequence in two launches: the recurrent step of the state (GDN or DeltaNet, in
-place, with the write score), the write into the block buffer, the read and the combination, by value tiles;
-then the score and, at a block end, the merge into the cache.
+`decode_step`: one token per sequence in one launch: the recurrent step of the state (GDN or DeltaNet, in
+place, with the write score) by value tiles, the write into the block buffer, the read by entry parts; the last
+program of each head (an atomic ticket) combines, stores the score and, at a block end, merges into the cache.
 
 Both run compiled on CUDA (autotuned unless HOLA_AUTOTUNE=0) and under TRITON_INTERPRET=1 on CPU
 tensors (fixed tiles, float32 dots: the interpreter's bf16 dot is wrong in Triton 3.9).
@@ -400,30 +400,30 @@ def _beats(sa, pa, sb, pb, SURPRISE: tl.constexpr):
 
 
 @triton.jit
-def _token(Q, KR, W, n, h, hk, sw, sq_n, sq_h, sk_n, sk_h, rk, mk, eps_l2, eps, K: tl.constexpr):
-    """The decoded token's raw q and k of value head h, q's read vector (RMSNorm, gamma, 1/sqrt(K)), k's sum of
-    squares, and the memory parameters."""
+def _token(Q, W, n, h, hk, sw, sq_n, sq_h, rk, mk, eps_l2, eps, K: tl.constexpr):
+    """The decoded token's raw q of value head h, its read vector (RMSNorm, gamma, 1/sqrt(K)), and the memory
+    parameters."""
     gqk, sink, gate = _params(W, h, sw, rk, mk, K)
     q_raw = tl.load(Q + n * sq_n + hk * sq_h + rk, mask=mk, other=0.).to(tl.float32)
-    q = q_raw * _unit_rms(tl.sum(q_raw * q_raw, 0), eps_l2, eps, K) / tl.sqrt(K * 1.0) * gqk
-    k = tl.load(KR + n * sk_n + hk * sk_h + rk, mask=mk, other=0.).to(tl.float32)
-    return q_raw, q, k, tl.sum(k * k, 0), sink, gate
+    return q_raw, q_raw * _unit_rms(tl.sum(q_raw * q_raw, 0), eps_l2, eps, K) / tl.sqrt(K * 1.0) * gqk, sink, gate
 
 
 @triton.jit
 def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP, BKT, BVL, PART, OST, PM, PL, PACC,
-                   W, sw, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, ss_h, ss_v, ss_k, sp, so, eps_l2, eps, scale, NVT,
-                   NS,
+                   W, SC, OUT, CS, BS, RANK, TICKET, sw, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, ss_h, ss_v, ss_k, sp,
+                   so, eps_l2, eps, scale, NVT, NS,
                    G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, RT: tl.constexpr, BN: tl.constexpr,
-                   E: tl.constexpr, READ_BLOCK: tl.constexpr, STEP: tl.constexpr, NEG: tl.constexpr):
+                   BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, E: tl.constexpr, BC: tl.constexpr,
+                   BT: tl.constexpr, BP: tl.constexpr, SHARED: tl.constexpr,
+                   SURPRISE: tl.constexpr, READ_BLOCK: tl.constexpr, STEP: tl.constexpr, NEG: tl.constexpr):
     """Program (sequence, value head, p). p = iv < NVT: (the recurrent step of the state's value rows iv BV ...,)
     and, iv = 0, the token's write into the block buffer. p = NVT + s: the softmax parts of entries [s E, s E + E)
     of [cache, block so far] (flash-decoding): max PM, sum PL and the weighted values PACC [N, HV, NS, V].
-    `_merge_kernel` then adds the sink and the token, combines with the state output, stores the token's score and
-    merges a block that ends into the cache.
+    The head's last program (TICKET[nh], zero between steps) then runs `_finish`: it adds the sink and the token,
+    combines with the state output, stores the token's score and merges a block that ends into the cache; the
+    sequence's last such program (TICKET[N HV + n]) advances SEEN[n].
 
-    STEP 0: the state output OST is given (and the score, to `_merge_kernel`). 1: GDN's recurrent step on the state
+    STEP 0: the state output OST is given (and the score, to `_finish`). 1: GDN's recurrent step on the state
     (strided, value/key strides given), in place: S <- alpha S + k u^T with u = beta (v - alpha S^T k),
     alpha = exp(-exp(A_log) softplus(a + dt_bias)), beta = sigmoid(b) (x2 with NEG), score ||u||, state output
     scale * S^T q (q, k unit-L2; fla's fused recurrent step): the tile's part of ||u||^2 goes to PART [N, HV, NVT].
@@ -435,11 +435,23 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
     hk = h // G
     rk = tl.arange(0, BK)
     mk = rk < K
-    seen = tl.load(SEEN + n)
-    fill = (seen % C).to(tl.int32)
-    q_raw, q, k, k2, sink, gate = _token(Q, KR, W, n, h, hk, sw, sq_n, sq_h, sk_n, sk_h, rk, mk, eps_l2, eps, K)
+    # each program issues its loads at once (no address depends on a loaded value), then computes
     if iv < NVT:
-        ku = k * tl.rsqrt(k2 + eps_l2)  # the key as the state path uses it (unit L2)
+        rt = iv * BV + tl.arange(0, BV)
+        mt = rt < V
+        if STEP > 0:
+            ps = ST + n * ss_n + h * ss_h + rt[:, None] * ss_v + rk[None, :] * ss_k
+            s_t = tl.load(ps, mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32)
+            v_t = tl.load(VR + n * sv_n + h * sv_h + rt, mask=mt, other=0.).to(tl.float32)
+            beta = tl.load(BETA + nh).to(tl.float32)
+            if STEP == 1:
+                x = tl.load(A_RAW + nh).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
+                a_log = tl.load(A_LOG + h).to(tl.float32)
+        seen = tl.load(SEEN + n)
+        fill = (seen % C).to(tl.int32)
+        q_raw, q, sink, gate = _token(Q, W, n, h, hk, sw, sq_n, sq_h, rk, mk, eps_l2, eps, K)
+        k = tl.load(KR + n * sk_n + hk * sk_h + rk, mask=mk, other=0.).to(tl.float32)
+        ku = k * tl.rsqrt(tl.sum(k * k, 0) + eps_l2)  # the key as the state path uses it (unit L2)
         if iv == 0:  # the token joins its block
             rvf = tl.arange(0, BVF)
             tl.store(BKT + (nh * C + fill) * K + rk, ku, mask=mk)
@@ -447,111 +459,115 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
                      tl.load(VR + n * sv_n + h * sv_h + rvf, mask=rvf < V, other=0.).to(tl.float32), mask=rvf < V)
         if STEP > 0:
             if STEP == 1:
-                x = tl.load(A_RAW + nh).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
                 softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
-                alpha = tl.exp(-tl.exp(tl.load(A_LOG + h).to(tl.float32)) * softplus)
-                beta = tl.sigmoid(tl.load(BETA + nh).to(tl.float32))
+                s_t *= tl.exp(-tl.exp(a_log) * softplus)
+                beta = tl.sigmoid(beta)
                 if NEG:
                     beta = beta * 2.0
-            else:
-                alpha = 1.0
-                beta = tl.load(BETA + nh).to(tl.float32)
+            u = beta * (v_t - tl.sum(s_t * ku[None, :], 1))
+            s_t += u[:, None] * ku[None, :]
+            tl.store(ps, s_t.to(ST.dtype.element_ty), mask=mt[:, None] & mk[None, :])
             qu = q_raw * tl.rsqrt(tl.sum(q_raw * q_raw, 0) + eps_l2) * scale
-            u2 = 0.0
-            for tv in range(0, BV, RT):  # RT value rows of the state at a time
-                rt = iv * BV + tv + tl.arange(0, RT)
-                mt = rt < V
-                ps = ST + n * ss_n + h * ss_h + rt[:, None] * ss_v + rk[None, :] * ss_k
-                s_t = tl.load(ps, mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32) * alpha
-                u = beta * (tl.load(VR + n * sv_n + h * sv_h + rt, mask=mt, other=0.).to(tl.float32)
-                            - tl.sum(s_t * ku[None, :], 1))
-                u2 += tl.sum(tl.where(mt, u * u, 0.), 0)
-                s_t += u[:, None] * ku[None, :]
-                tl.store(ps, s_t.to(ST.dtype.element_ty), mask=mt[:, None] & mk[None, :])
-                tl.store(OST + nh * so + rt, tl.sum(s_t * qu[None, :], 1), mask=mt)
-            tl.store(PART + nh * sp + iv, u2)
+            tl.store(OST + nh * so + rt, tl.sum(s_t * qu[None, :], 1), mask=mt)
+            tl.store(PART + nh * sp + iv, tl.sum(tl.where(mt, u * u, 0.), 0))
     else:
-        # entries: the cache [0, M), then the block's earlier tokens [M, M + fill)
+        # entries [s E, s E + E) of [the cache [0, M), the block's earlier tokens [M, M + fill)]. The loads are
+        # masked by position only; validity applies after them (empty cache slots hold zeros, the block's rows
+        # past fill older values: both finite, and replaced below)
         rv = tl.arange(0, BVF)
         mv = rv < V
-        m_i = sink * 0.0 - 1e30  # finite: an all-empty part has weight 0 below
-        l_i = sink * 0.0
-        acc = tl.zeros([BVF], dtype=tl.float32)
-        end = tl.minimum(s * E + E, M)
-        if READ_BLOCK:
-            end = tl.minimum(s * E + E, M + fill)
-        for t in range(s * E, end, BN):
-            rn = t + tl.arange(0, BN)
-            in_cache = rn < M
-            rb = rn - M
-            in_block = (rn >= M) & (rn < end)
-            valid_c = in_cache & (tl.load(CP + nh * M + rn, mask=in_cache, other=-1) >= 0)
-            kk = tl.load(CK + (nh * M + rn[:, None]) * K + rk[None, :], mask=valid_c[:, None] & mk[None, :], other=0.)
-            kk += tl.load(BKT + (nh * C + rb[:, None]) * K + rk[None, :], mask=in_block[:, None] & mk[None, :],
-                          other=0.)
-            kk = kk.to(tl.float32)
-            sc = tl.sum(kk * q[None, :], 1) * _unit_rms(tl.sum(kk * kk, 1), eps_l2, eps, K)
-            sc = tl.where(valid_c | in_block, sc, float('-inf'))
-            m_new = tl.maximum(m_i, tl.max(sc, 0))
-            alpha = tl.exp(m_i - m_new)
-            pr = tl.exp(sc - m_new)
-            vv = tl.load(CV + (nh * M + rn[:, None]) * V + rv[None, :], mask=valid_c[:, None] & mv[None, :], other=0.)
-            vv += tl.load(BVL + (nh * C + rb[:, None]) * V + rv[None, :], mask=in_block[:, None] & mv[None, :],
-                          other=0.)
-            acc = acc * alpha + tl.sum(pr[:, None] * vv.to(tl.float32), 0)
-            l_i = l_i * alpha + tl.sum(pr, 0)
-            m_i = m_new
+        rn = s * E + tl.arange(0, E)
+        in_cache = rn < M
+        in_block = (rn >= M) & (rn < M + C)
+        if not READ_BLOCK:
+            in_block = rn < 0
+        cp = tl.load(CP + nh * M + rn, mask=in_cache, other=-1)
+        row_k = tl.where(in_cache, CK + (nh * M + rn) * K, BKT + (nh * C + rn - M) * K)  # each row's own buffer
+        row_v = tl.where(in_cache, CV + (nh * M + rn) * V, BVL + (nh * C + rn - M) * V)
+        mr = in_cache | in_block
+        kk = tl.load(row_k[:, None] + rk[None, :], mask=mr[:, None] & mk[None, :], other=0.)
+        vv = tl.load(row_v[:, None] + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.)
+        seen = tl.load(SEEN + n)
+        fill = (seen % C).to(tl.int32)
+        q_raw, q, sink, gate = _token(Q, W, n, h, hk, sw, sq_n, sq_h, rk, mk, eps_l2, eps, K)
+        valid = (in_cache & (cp >= 0)) | (in_block & (rn < M + fill))
+        kk = tl.where(valid[:, None], kk.to(tl.float32), 0.)
+        sc = tl.where(valid, tl.sum(kk * q[None, :], 1) * _unit_rms(tl.sum(kk * kk, 1), eps_l2, eps, K), float('-inf'))
+        m_i = tl.maximum(tl.max(sc, 0), -1e30)  # finite: an all-empty part has weight 0 in the merge
+        pr = tl.exp(sc - m_i)
         tl.store(PM + nh * sp + s, m_i)
-        tl.store(PL + nh * sp + s, l_i)
-        tl.store(PACC + nh * sp + s * V + rv, acc, mask=mv)
+        tl.store(PL + nh * sp + s, tl.sum(pr, 0))
+        tl.store(PACC + nh * sp + s * V + rv, tl.sum(pr[:, None] * tl.where(valid[:, None], vv.to(tl.float32), 0.), 0),
+                 mask=mv)
+    tl.debug_barrier()  # every thread's loads and stores are issued before the ticket (release)
+    last = tl.atomic_add(TICKET + nh, 1, sem='acq_rel') == NVT + NS - 1  # the head's last program
+    tl.debug_barrier()  # every thread has the ticket (handed out through shared memory) before that is reused
+    if last:
+        tl.store(TICKET + nh, 0)
+        _finish(n, h, nh, seen, q, KR + n * sk_n + hk * sk_h, sink, gate, VR, SC, PART, OST, PM, PL, PACC, OUT, CK,
+                CV, CS, CP, BKT, BVL, BS, RANK, sv_n, sv_h, sp, so, eps_l2, eps, scale, NVT, NS, K, V, M, C, BK, BVF,
+                BC, BT, BP, SHARED, READ_BLOCK, SURPRISE, STEP)
+        # the sequence's last head advances its position: every program of the sequence has read it by now
+        tl.debug_barrier()
+        last = tl.atomic_add(TICKET + tl.num_programs(0) * HV + n, 1, sem='acq_rel') == HV - 1
+        tl.debug_barrier()
+        if last:
+            tl.store(TICKET + tl.num_programs(0) * HV + n, 0)
+            tl.store(SEEN + n, seen + 1)
 
 
 @triton.jit
-def _merge_kernel(Q, KR, VR, W, SC, PART, OST, PM, PL, PACC, OUT, SEEN, CK, CV, CS, CP, BKT, BVL, BS, RANK, sw, sq_n,
-                  sq_h, sk_n, sk_h, sv_n, sv_h, sp, so, eps_l2, eps, scale, NVT, NS, G: tl.constexpr, K: tl.constexpr,
-                  V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  BC: tl.constexpr, BT: tl.constexpr, BS_: tl.constexpr, SHARED: tl.constexpr,
-                  READ_BLOCK: tl.constexpr, SURPRISE: tl.constexpr, STEP: tl.constexpr):
-    """Program (sequence, value head), after `_decode_kernel`: the softmax over [sink, the parts, the token itself],
+def _finish(n, h, nh, seen, q, KT, sink, gate, VR, SC, PART, OST, PM, PL, PACC, OUT, CK, CV, CS, CP, BKT, BVL, BS,
+            RANK, sv_n, sv_h, sp, so, eps_l2, eps, scale, NVT, NS, K: tl.constexpr,
+            V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            BC: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, SHARED: tl.constexpr,
+            READ_BLOCK: tl.constexpr, SURPRISE: tl.constexpr, STEP: tl.constexpr):
+    """The last program of head (n, h) in `_decode_kernel`: the softmax over [sink, the parts, the token itself],
     the combination with the state output into OUT; the token's write score (given in SC, or the root of the value
-    tiles' parts of ||u||^2) into the block buffer; at a block end the block merges into the cache."""
-    n, h = tl.program_id(0), tl.program_id(1)
-    nh = n * tl.num_programs(1) + h
+    tiles' parts of ||u||^2) into the block buffer; at a block end the block merges into the cache. Other programs'
+    outputs are loaded past L1 (.cg)."""
     rk = tl.arange(0, BK)
     mk = rk < K
     rv = tl.arange(0, BV)
     mv = rv < V
-    seen = tl.load(SEEN + n)
     fill = (seen % C).to(tl.int32)
-    _, q, k, k2, sink, gate = _token(Q, KR, W, n, h, h // G, sw, sq_n, sq_h, sk_n, sk_h, rk, mk, eps_l2, eps, K)
-    rs = tl.arange(0, BS_)
-    pm = tl.load(PM + nh * sp + rs, mask=rs < NS, other=-1e30)
-    pl = tl.load(PL + nh * sp + rs, mask=rs < NS, other=0.)
-    pacc = tl.load(PACC + nh * sp + rs[:, None] * V + rv[None, :], mask=(rs < NS)[:, None] & mv[None, :], other=0.)
-    m = tl.maximum(tl.max(pm, 0), sink)
+    # the other programs' outputs, issued with the parts' loads below (one round trip)
+    ost = tl.load(OST + nh * so + rv, mask=mv, other=0., cache_modifier='.cg').to(tl.float32)
+    if STEP == 0:
+        score = tl.load(SC + nh)
+    else:
+        rt = tl.arange(0, BT)
+        score = tl.sqrt(tl.sum(tl.load(PART + nh * sp + rt, mask=rt < NVT, other=0., cache_modifier='.cg'), 0))
+    m = sink
     if READ_BLOCK:  # the token itself
-        s_self = tl.sum(k * q, 0) * _unit_rms(k2, eps_l2, eps, K)
+        k = tl.load(KT + rk, mask=mk, other=0.).to(tl.float32)
+        s_self = tl.sum(k * q, 0) * _unit_rms(tl.sum(k * k, 0), eps_l2, eps, K)
         m = tl.maximum(m, s_self)
-    wp = tl.exp(pm - m)
-    l_i = tl.exp(sink - m) + tl.sum(pl * wp, 0)
-    acc = tl.sum(pacc * wp[:, None], 0)
-    if READ_BLOCK:
         p_self = tl.exp(s_self - m)
-        l_i += p_self
-        acc += p_self * tl.load(VR + n * sv_n + h * sv_h + rv, mask=mv, other=0.).to(tl.float32)
+        l_i = tl.exp(sink - m) + p_self
+        acc = p_self * tl.load(VR + n * sv_n + h * sv_h + rv, mask=mv, other=0.).to(tl.float32)
+    else:
+        l_i = tl.exp(sink - m)
+        acc = tl.zeros([BV], dtype=tl.float32)
+    for c in range(0, NS, BP):  # the parts, BP at a time (one step when NS <= BP), online softmax
+        rp = c + tl.arange(0, BP)
+        pm = tl.load(PM + nh * sp + rp, mask=rp < NS, other=-1e30, cache_modifier='.cg')
+        pl = tl.load(PL + nh * sp + rp, mask=rp < NS, other=0., cache_modifier='.cg')
+        pacc = tl.load(PACC + nh * sp + rp[:, None] * V + rv[None, :], mask=(rp < NS)[:, None] & mv[None, :],
+                       other=0., cache_modifier='.cg')
+        m_new = tl.maximum(m, tl.max(pm, 0))
+        a = tl.exp(m - m_new)
+        wp = tl.exp(pm - m_new)
+        l_i = l_i * a + tl.sum(pl * wp, 0)
+        acc = acc * a + tl.sum(pacc * wp[:, None], 0)
+        m = m_new
     w0 = tl.exp(sink - m) / l_i
     read = acc / l_i * scale
-    ost = tl.load(OST + nh * so + rv, mask=mv, other=0.).to(tl.float32)
     if SHARED:
         o = w0 * ost + read
     else:
         o = ost + tl.sigmoid(gate) * read
     tl.store(OUT + nh * V + rv, o, mask=mv)
-    if STEP == 0:
-        score = tl.load(SC + nh)
-    else:
-        rt = tl.arange(0, BT)
-        score = tl.sqrt(tl.sum(tl.load(PART + nh * sp + rt, mask=rt < NVT, other=0.), 0))
     tl.store(BS + nh * C + fill, score)
     if M > 0:
         if fill == C - 1:
@@ -597,8 +613,10 @@ def _merge_kernel(Q, KR, VR, W, SC, PART, OST, PM, PL, PACC, OUT, SEEN, CK, CV, 
                 pj = start + rj
                 dst = tl.load(RANK + nh * sp + rj, mask=mj, other=M)
                 keep = mj & (dst < M)
-                bk = tl.load(BKT + (nh * C + rj[:, None]) * K + rk[None, :], mask=mj[:, None] & mk[None, :], other=0.)
-                bv = tl.load(BVL + (nh * C + rj[:, None]) * V + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.)
+                bk = tl.load(BKT + (nh * C + rj[:, None]) * K + rk[None, :], mask=mj[:, None] & mk[None, :], other=0.,
+                             cache_modifier='.cg')  # row `fill`: written by program 0 of this launch
+                bv = tl.load(BVL + (nh * C + rj[:, None]) * V + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.,
+                             cache_modifier='.cg')
                 tl.debug_barrier()
                 tl.store(CS + nh * M + dst, sj, mask=keep)
                 tl.store(CP + nh * M + dst, pj.to(tl.int64), mask=keep)
@@ -608,25 +626,31 @@ def _merge_kernel(Q, KR, VR, W, SC, PART, OST, PM, PL, PACC, OUT, SEEN, CK, CV, 
             tl.store(BS + nh * C + rc, tl.full([BC], float('-inf'), tl.float32), mask=rc < C)
 
 
+# the decode launch's tiles on the GPU: value rows per state program, entries per read part, parts per step of
+# the head's last program
+DECODE_TILES = dict(BV=32, E=16, BP=32, num_warps=4)
+
+
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, weight: torch.Tensor, eps: float,
                 scale: float, shared: bool, read_block: bool, eviction: str, score: torch.Tensor | None = None,
                 o_state: torch.Tensor | None = None, state: dict | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """One token for every sequence, in two launches: raw q, k [N, H, K] (before the L2 norm), v [N, HV, V];
+    """One token for every sequence, in one launch: raw q, k [N, H, K] (before the L2 norm), v [N, HV, V];
     weight [HV, 2K + 2] the packed memory parameters. Either `score` [N, HV] and `o_state` [N, HV, V] are
     given, or `state` holds the recurrent step's inputs: kind ('gdn' or 'deltanet'), S (the state before this
     token in fla's layout, updated in place; None: zero, then state['S'] gets the new state), beta ([N, HV];
     GDN: raw, before the sigmoid), and for GDN a, A_log, dt_bias, allow_neg_eigval. Writes the token into the
-    block buffer, reads, combines, and merges a block that ends into the cache (the caller then advances
-    mem['seen']). Returns out [N, HV, V] (default: new, v's dtype)."""
+    block buffer, reads, combines, merges a block that ends into the cache and advances mem['seen'] (the
+    tickets: mem['ticket']). Returns out [N, HV, V] (default: new, v's dtype)."""
     N, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     M, C = mem['cache_k'].shape[2], mem['block_k'].shape[2]
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == weight.stride(-1) == 1
     out = torch.empty(N, HV, V, dtype=v.dtype, device=v.device) if out is None else out
     # programs: the state's value rows in tiles of BV, the read's entries in parts of E (flash-decoding)
-    BV, E = _pow2(min(V, 16 if INTERPRET else 32)), (16 if INTERPRET else 64)
-    NVT, NS = triton.cdiv(V, BV), triton.cdiv(M + C, E)
+    tiles = dict(BV=16, E=16, BP=2, num_warps=4) if INTERPRET else DECODE_TILES
+    BV, E = _pow2(min(V, tiles['BV'])), tiles['E']
+    NVT, NS = triton.cdiv(V, BV), triton.cdiv(M + (C if read_block else 0), E)
     # the kernels' scratch in one allocation (host time: decode is host-bound): the value tiles' parts of the
     # score, the entry parts' max, sum and values, the block merge's ranks, and the state output where computed
     sizes = [NVT, NS, NS, NS * V, C] + ([] if state is None else [V])
@@ -650,14 +674,14 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, we
     strides = (weight.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     sps = (part.stride(1), o_state.stride(1))  # rows [N, HV] of the scratch and of the state output
     common = dict(G=HV // H, K=K, V=V, M=M, C=C, BK=_pow2(K), READ_BLOCK=read_block, STEP=step)
+    # [N, HV] the heads' tickets, then [N] the sequences': zero between steps (the last program resets each)
+    ticket = mem.get('ticket')
+    if ticket is None or ticket.numel() != N * (HV + 1):
+        ticket = mem['ticket'] = torch.zeros(N * (HV + 1), dtype=torch.int32, device=q.device)
     _decode_kernel[(N, HV, NVT + NS)](
         q, k, v, S, beta, a, a_log, dt_bias, mem['seen'], mem['cache_k'], mem['cache_v'], mem['cache_pos'],
-        mem['block_k'], mem['block_v'], part, o_state, pm, pl, pacc, weight, *strides, *s_strides, *sps, 1e-6, eps,
-        scale, NVT, NS, BV=BV, BVF=_pow2(V), RT=min(BV, 16), BN=16 if INTERPRET else 32, E=E, NEG=neg, **common,
-        num_warps=4 if INTERPRET else 8)
-    _merge_kernel[(N, HV)](q, k, v, weight, score, part, o_state, pm, pl, pacc, out, mem['seen'], mem['cache_k'],
-                           mem['cache_v'], mem['cache_score'], mem['cache_pos'], mem['block_k'], mem['block_v'],
-                           mem['block_score'], rank, *strides, *sps, 1e-6, eps, scale, NVT, NS, BV=_pow2(V),
-                           BC=_pow2(C), BT=_pow2(NVT, 2), BS_=_pow2(NS, 2), SHARED=shared,
-                           SURPRISE=eviction == 'surprise', **common, num_warps=4 if INTERPRET else 8)
+        mem['block_k'], mem['block_v'], part, o_state, pm, pl, pacc, weight, score, out, mem['cache_score'],
+        mem['block_score'], rank, ticket, *strides, *s_strides, *sps, 1e-6, eps, scale, NVT, NS, BV=BV,
+        BVF=_pow2(V), E=E, BC=_pow2(C), BT=_pow2(NVT, 2), BP=min(_pow2(NS, 2), tiles['BP']), SHARED=shared,
+        SURPRISE=eviction == 'surprise', NEG=neg, **common, num_warps=tiles['num_warps'])
     return out

@@ -35,15 +35,10 @@ def main():
         compile_kernel(read._decode_kernel,
                        dict(Q=bf, KR=bf, VR=bf, CK=bf, CV=bf, BKT=bf, BVL=bf, A_RAW=bf, BETA=bf, ST='*fp32',
                             A_LOG='*fp32', DT_BIAS='*fp32', SEEN='*i64', CP='*i64', PART='*fp32', OST='*fp32',
-                            PM='*fp32', PL='*fp32', PACC='*fp32', W='*fp32'),
-                       dict(G=2, K=128, V=256, M=64, C=64, BK=128, BV=64, BVF=256, RT=16, BN=32, E=64,
-                            READ_BLOCK=True, STEP=step, NEG=False))
-        compile_kernel(read._merge_kernel,
-                       dict(Q=bf, KR=bf, VR=bf, W='*fp32', SC='*fp32', PART='*fp32', OST='*fp32', PM='*fp32',
-                            PL='*fp32', PACC='*fp32', OUT=bf, SEEN='*i64', CK=bf, CV=bf, CS='*fp32', CP='*i64',
-                            BKT=bf, BVL=bf, BS='*fp32', RANK='*i32'),
-                       dict(G=2, K=128, V=256, M=64, C=64, BK=128, BV=256, BC=64, BT=4, BS_=4, SHARED=True,
-                            READ_BLOCK=True, SURPRISE=True, STEP=step))
+                            PM='*fp32', PL='*fp32', PACC='*fp32', W='*fp32', SC='*fp32', OUT=bf, CS='*fp32',
+                            BS='*fp32', RANK='*i32', TICKET='*i32'),
+                       dict(G=2, K=128, V=256, M=64, C=64, BK=128, BV=64, BVF=256, E=32, BC=64, BT=4,
+                            BP=4, SHARED=True, SURPRISE=True, READ_BLOCK=True, STEP=step, NEG=False))
     for has_pos in (False, True):
         compile_kernel(select._select_kernel, dict(ORD='*i64', POS='*i64', OUT='*i32', CNT='*i32'),
                        dict(HAS_POS=has_pos, BT=2048, BM=128))

@@ -211,17 +211,27 @@ def test_decode_kernel_equals_reference(read_block, M, V):
 
 
 @pytest.mark.parametrize('kind', ['gdn', 'deltanet'])
-@torch.no_grad()
 def test_decode_state_step_equals_reference(kind):
     """The decode kernel's own recurrent step (state in place, score, state output) against the float32
     delta rule and the reference memory, across a block end; GDN with grouped value heads."""
-    N, K, V, M, C = 2, 16, 24, 4, 8
     H, HV = (1, 2) if kind == 'gdn' else (2, 2)
+    _check_decode_state_step(kind, N=2, H=H, HV=HV, K=16, V=24, M=4, C=8, prompts=(5, 13), steps=11)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='races between the programs of one launch: CUDA')
+def test_decode_state_step_at_scale():
+    """The same at the 340M layer's shape (M 512, K 256, V 512; hundreds of programs per launch, the head's last one
+    finishing), 140 steps across two block ends, with full caches."""
+    _check_decode_state_step('gdn', N=2, H=4, HV=4, K=256, V=512, M=512, C=64, prompts=(600, 650), steps=140)
+
+
+@torch.no_grad()
+def _check_decode_state_step(kind, N, H, HV, K, V, M, C, prompts, steps):
     cfg = MemoryConfig(cache_size=M, block_size=C)
     g = torch.Generator().manual_seed(3)
     mem_ref = empty_memory(N, HV, K, V, cfg, torch.float32, torch.device(DEV))
     mem_fus = empty_memory(N, HV, K, V, cfg, torch.float32, torch.device(DEV))
-    for n, L in enumerate((5, 13)):
+    for n, L in enumerate(prompts):
         q, k, v, score, o_state, params = _inputs(L, HV, K, V, seed=n, H=H)
         memory_forward(mem_ref, n, unit(q, HV), unit(k, HV), v, score, o_state, params, cfg, 0.25)
         memory_prefill_fused(mem_fus, n, q, k, v, score, o_state, params, cfg, 0.25)
@@ -229,7 +239,7 @@ def test_decode_state_step_equals_reference(kind):
     S_fus = S_ref.transpose(-1, -2).contiguous() if kind == 'gdn' else S_ref.clone()  # fla's layout
     A_log, dt_bias = torch.randn(HV, generator=g).to(DEV), torch.randn(HV, generator=g).to(DEV)
     scale = K ** -0.5
-    for t in range(C + 3):
+    for t in range(steps):
         q, k, v, _, _, _ = _inputs(N, HV, K, V, seed=200 + t, H=H)
         b = torch.randn(N, HV, generator=g).to(DEV)
         a = torch.randn(N, HV, generator=g).to(DEV)
@@ -248,6 +258,7 @@ def test_decode_state_step_equals_reference(kind):
         assert step['S'] is S_fus  # updated in place
         assert rel(out, torch.stack(ref)) < 1e-4, t
         assert rel(S_fus.transpose(-1, -2) if kind == 'gdn' else S_fus, S_ref) < 1e-5, t
+        assert torch.equal(mem_ref['seen'], mem_fus['seen']), t
     assert torch.equal(mem_ref['cache_pos'], mem_fus['cache_pos'])
     assert rel(mem_fus['cache_score'].clamp_min(-1), mem_ref['cache_score'].clamp_min(-1)) < 1e-5
 
