@@ -414,7 +414,7 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
                    so, eps_l2, eps, scale, NVT, NS,
                    G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, E: tl.constexpr, BC: tl.constexpr,
-                   BT: tl.constexpr, BP: tl.constexpr, SHARED: tl.constexpr,
+                   BT: tl.constexpr, BP: tl.constexpr, TAIL: tl.constexpr, SHARED: tl.constexpr,
                    SURPRISE: tl.constexpr, READ_BLOCK: tl.constexpr, STEP: tl.constexpr, NEG: tl.constexpr):
     """Program (sequence, value head, p). p = iv < NVT: (the recurrent step of the state's value rows iv BV ...,)
     and, iv = 0, the token's write into the block buffer. p = NVT + s: the softmax parts of entries [s E, s E + E)
@@ -506,7 +506,7 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
         tl.store(TICKET + nh, 0)
         _finish(n, h, nh, seen, q, KR + n * sk_n + hk * sk_h, sink, gate, VR, SC, PART, OST, PM, PL, PACC, OUT, CK,
                 CV, CS, CP, BKT, BVL, BS, RANK, sv_n, sv_h, sp, so, eps_l2, eps, scale, NVT, NS, K, V, M, C, BK, BVF,
-                BC, BT, BP, SHARED, READ_BLOCK, SURPRISE, STEP)
+                BC, BT, BP, TAIL, SHARED, READ_BLOCK, SURPRISE, STEP)
         # the sequence's last head advances its position: every program of the sequence has read it by now
         tl.debug_barrier()
         last = tl.atomic_add(TICKET + tl.num_programs(0) * HV + n, 1, sem='acq_rel') == HV - 1
@@ -520,7 +520,7 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
 def _finish(n, h, nh, seen, q, KT, sink, gate, VR, SC, PART, OST, PM, PL, PACC, OUT, CK, CV, CS, CP, BKT, BVL, BS,
             RANK, sv_n, sv_h, sp, so, eps_l2, eps, scale, NVT, NS, K: tl.constexpr,
             V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            BC: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, SHARED: tl.constexpr,
+            BC: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, TAIL: tl.constexpr, SHARED: tl.constexpr,
             READ_BLOCK: tl.constexpr, SURPRISE: tl.constexpr, STEP: tl.constexpr):
     """The last program of head (n, h) in `_decode_kernel`: the softmax over [sink, the parts, the token itself],
     the combination with the state output into OUT; the token's write score (given in SC, or the root of the value
@@ -549,17 +549,29 @@ def _finish(n, h, nh, seen, q, KT, sink, gate, VR, SC, PART, OST, PM, PL, PACC, 
     else:
         l_i = tl.exp(sink - m)
         acc = tl.zeros([BV], dtype=tl.float32)
-    for c in range(0, NS, BP):  # the parts, BP at a time (one step when NS <= BP), online softmax
+    # the parts, BP at a time (and TAIL more, loaded with them: each step is a round trip), online softmax
+    for c in range(0, NS, BP + TAIL):
         rp = c + tl.arange(0, BP)
         pm = tl.load(PM + nh * sp + rp, mask=rp < NS, other=-1e30, cache_modifier='.cg')
         pl = tl.load(PL + nh * sp + rp, mask=rp < NS, other=0., cache_modifier='.cg')
         pacc = tl.load(PACC + nh * sp + rp[:, None] * V + rv[None, :], mask=(rp < NS)[:, None] & mv[None, :],
                        other=0., cache_modifier='.cg')
         m_new = tl.maximum(m, tl.max(pm, 0))
+        if TAIL > 0:
+            rq = c + BP + tl.arange(0, TAIL)
+            pm2 = tl.load(PM + nh * sp + rq, mask=rq < NS, other=-1e30, cache_modifier='.cg')
+            pl2 = tl.load(PL + nh * sp + rq, mask=rq < NS, other=0., cache_modifier='.cg')
+            pacc2 = tl.load(PACC + nh * sp + rq[:, None] * V + rv[None, :], mask=(rq < NS)[:, None] & mv[None, :],
+                            other=0., cache_modifier='.cg')
+            m_new = tl.maximum(m_new, tl.max(pm2, 0))
         a = tl.exp(m - m_new)
         wp = tl.exp(pm - m_new)
         l_i = l_i * a + tl.sum(pl * wp, 0)
         acc = acc * a + tl.sum(pacc * wp[:, None], 0)
+        if TAIL > 0:
+            wq = tl.exp(pm2 - m_new)
+            l_i += tl.sum(pl2 * wq, 0)
+            acc += tl.sum(pacc2 * wq[:, None], 0)
         m = m_new
     w0 = tl.exp(sink - m) / l_i
     read = acc / l_i * scale
@@ -627,8 +639,8 @@ def _finish(n, h, nh, seen, q, KT, sink, gate, VR, SC, PART, OST, PM, PL, PACC, 
 
 
 # the decode launch's tiles on the GPU: value rows per state program, entries per read part, parts per step of
-# the head's last program
-DECODE_TILES = dict(BV=32, E=16, BP=32, num_warps=4)
+# the head's last program (and at most TAIL more in that step: M 512 + C 64 is 36 parts of 16)
+DECODE_TILES = dict(BV=32, E=16, BP=32, TAIL=4, num_warps=4)
 
 
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, weight: torch.Tensor, eps: float,
@@ -648,9 +660,11 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, we
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == weight.stride(-1) == 1
     out = torch.empty(N, HV, V, dtype=v.dtype, device=v.device) if out is None else out
     # programs: the state's value rows in tiles of BV, the read's entries in parts of E (flash-decoding)
-    tiles = dict(BV=16, E=16, BP=2, num_warps=4) if INTERPRET else DECODE_TILES
+    tiles = dict(BV=16, E=16, BP=2, TAIL=1, num_warps=4) if INTERPRET else DECODE_TILES
     BV, E = _pow2(min(V, tiles['BV'])), tiles['E']
     NVT, NS = triton.cdiv(V, BV), triton.cdiv(M + (C if read_block else 0), E)
+    BP = min(_pow2(NS, 2), tiles['BP'])
+    TAIL = _pow2(NS - BP, 1) if 0 < NS - BP <= tiles['TAIL'] else 0  # parts past BP loaded in the same step
     # the kernels' scratch in one allocation (host time: decode is host-bound): the value tiles' parts of the
     # score, the entry parts' max, sum and values, the block merge's ranks, and the state output where computed
     sizes = [NVT, NS, NS, NS * V, C] + ([] if state is None else [V])
@@ -682,6 +696,6 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, we
         q, k, v, S, beta, a, a_log, dt_bias, mem['seen'], mem['cache_k'], mem['cache_v'], mem['cache_pos'],
         mem['block_k'], mem['block_v'], part, o_state, pm, pl, pacc, weight, score, out, mem['cache_score'],
         mem['block_score'], rank, ticket, *strides, *s_strides, *sps, 1e-6, eps, scale, NVT, NS, BV=BV,
-        BVF=_pow2(V), E=E, BC=_pow2(C), BT=_pow2(NVT, 2), BP=min(_pow2(NS, 2), tiles['BP']), SHARED=shared,
+        BVF=_pow2(V), E=E, BC=_pow2(C), BT=_pow2(NVT, 2), BP=BP, TAIL=TAIL, SHARED=shared,
         SURPRISE=eviction == 'surprise', NEG=neg, **common, num_warps=tiles['num_warps'])
     return out

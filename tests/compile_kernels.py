@@ -38,7 +38,7 @@ def main():
                             PM='*fp32', PL='*fp32', PACC='*fp32', W='*fp32', SC='*fp32', OUT=bf, CS='*fp32',
                             BS='*fp32', RANK='*i32', TICKET='*i32'),
                        dict(G=2, K=128, V=256, M=64, C=64, BK=128, BV=64, BVF=256, E=32, BC=64, BT=4,
-                            BP=4, SHARED=True, SURPRISE=True, READ_BLOCK=True, STEP=step, NEG=False))
+                            BP=4, TAIL=2, SHARED=True, SURPRISE=True, READ_BLOCK=True, STEP=step, NEG=False))
     for has_pos in (False, True):
         compile_kernel(select._select_kernel, dict(ORD='*i64', POS='*i64', OUT='*i32', CNT='*i32'),
                        dict(HAS_POS=has_pos, BT=2048, BM=128))

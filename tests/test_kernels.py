@@ -183,11 +183,12 @@ def test_prefill_kernel_state_output(HV, H, K, V, M, C, L, gated_state, rule, sh
     assert rel(out, ref) < 1e-4
 
 
-@pytest.mark.parametrize('read_block,M,V', [(True, 6, 24), (False, 6, 24), (True, 40, 48)])
+@pytest.mark.parametrize('read_block,M,V', [(True, 6, 24), (False, 6, 24), (True, 20, 24), (True, 40, 48)])
 @torch.no_grad()
 def test_decode_kernel_equals_reference(read_block, M, V):
-    """M 6: two parts of 16 entries (one without the block read), two value tiles of 16 (interpreter sizes); M 40:
-    four parts, which the head's last program combines two at a time, three tiles."""
+    """M 6: two parts of 16 entries (one without the block read), two value tiles of 16 (interpreter sizes); M 20:
+    three parts, which the head's last program loads in one step (two and a tail of one); M 40: four parts, in two
+    steps of two; V 48: three tiles."""
     HV, K, C = 2, 16, 16
     cfg = MemoryConfig(cache_size=M, block_size=C, read_block=read_block)
     N, steps = 2, 2 * C + 5
