@@ -401,11 +401,12 @@ def _beats(sa, pa, sb, pb, SURPRISE: tl.constexpr):
 
 @triton.jit
 def _token(Q, W, n, h, hk, sw, sq_n, sq_h, rk, mk, eps_l2, eps, K: tl.constexpr):
-    """The decoded token's raw q of value head h, its read vector (RMSNorm, gamma, 1/sqrt(K)), and the memory
-    parameters."""
+    """The decoded token's raw q of value head h, its sum of squares, its read vector (RMSNorm, gamma, 1/sqrt(K)),
+    and the memory parameters."""
     gqk, sink, gate = _params(W, h, sw, rk, mk, K)
     q_raw = tl.load(Q + n * sq_n + hk * sq_h + rk, mask=mk, other=0.).to(tl.float32)
-    return q_raw, q_raw * _unit_rms(tl.sum(q_raw * q_raw, 0), eps_l2, eps, K) / tl.sqrt(K * 1.0) * gqk, sink, gate
+    q2 = tl.sum(q_raw * q_raw, 0)
+    return q_raw, q2, q_raw * _unit_rms(q2, eps_l2, eps, K) / tl.sqrt(K * 1.0) * gqk, sink, gate
 
 
 @triton.jit
@@ -449,7 +450,7 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
                 a_log = tl.load(A_LOG + h).to(tl.float32)
         seen = tl.load(SEEN + n)
         fill = (seen % C).to(tl.int32)
-        q_raw, q, sink, gate = _token(Q, W, n, h, hk, sw, sq_n, sq_h, rk, mk, eps_l2, eps, K)
+        q_raw, q2, q, sink, gate = _token(Q, W, n, h, hk, sw, sq_n, sq_h, rk, mk, eps_l2, eps, K)
         k = tl.load(KR + n * sk_n + hk * sk_h + rk, mask=mk, other=0.).to(tl.float32)
         ku = k * tl.rsqrt(tl.sum(k * k, 0) + eps_l2)  # the key as the state path uses it (unit L2)
         if iv == 0:  # the token joins its block
@@ -467,7 +468,7 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
             u = beta * (v_t - tl.sum(s_t * ku[None, :], 1))
             s_t += u[:, None] * ku[None, :]
             tl.store(ps, s_t.to(ST.dtype.element_ty), mask=mt[:, None] & mk[None, :])
-            qu = q_raw * tl.rsqrt(tl.sum(q_raw * q_raw, 0) + eps_l2) * scale
+            qu = q_raw * tl.rsqrt(q2 + eps_l2) * scale
             tl.store(OST + nh * so + rt, tl.sum(s_t * qu[None, :], 1), mask=mt)
             tl.store(PART + nh * sp + iv, tl.sum(tl.where(mt, u * u, 0.), 0))
     else:
@@ -489,7 +490,7 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
         vv = tl.load(row_v[:, None] + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.)
         seen = tl.load(SEEN + n)
         fill = (seen % C).to(tl.int32)
-        q_raw, q, sink, gate = _token(Q, W, n, h, hk, sw, sq_n, sq_h, rk, mk, eps_l2, eps, K)
+        _, _, q, sink, gate = _token(Q, W, n, h, hk, sw, sq_n, sq_h, rk, mk, eps_l2, eps, K)
         valid = (in_cache & (cp >= 0)) | (in_block & (rn < M + fill))
         kk = tl.where(valid[:, None], kk.to(tl.float32), 0.)
         sc = tl.where(valid, tl.sum(kk * q[None, :], 1) * _unit_rms(tl.sum(kk * kk, 1), eps_l2, eps, K), float('-inf'))
