@@ -312,6 +312,50 @@ def rstd(x: torch.Tensor) -> torch.Tensor:
     return x.float().square().sum(-1).add_(1e-6).rsqrt_()
 
 
+def _state_args(state: dict, out: torch.Tensor, n_chunks: int):
+    """The state path's pieces (see prefill_read) as the kernels take them: pointers, then their strides."""
+    hs, vs, kl, gs = state['h'], state['v_new'], state['k'], state['g']
+    assert hs.shape[0] == n_chunks and hs[0, 0].is_contiguous() and vs.stride(-1) == kl.stride(-1) == 1
+    assert out.is_contiguous() and (gs is None or gs.stride(-1) == 1)
+    st = dict(KL=kl, VS=vs, HS=hs, GS=out if gs is None else gs)
+    return st, (kl.stride(0), kl.stride(1), vs.stride(0), vs.stride(1), hs.stride(0), hs.stride(1),
+                0 if gs is None else gs.stride(0))
+
+
+@triton.jit
+def _state_kernel(Q, KL, VS, HS, GS, OUT, L, HV, sq_t, sq_h, skl_t, skl_h, svs_t, svs_h, sh_c, sh_h, sg_t, eps_l2,
+                  scale, C: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr,
+                  BV: tl.constexpr, BKS: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+                  V_FIRST: tl.constexpr, USE_G: tl.constexpr):
+    """Tile (iv, j, h): the state output of chunk j's rows, value columns iv * BV ..., value head h (`_state_tile`)."""
+    iv, j, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rq = j * C + tl.arange(0, BQ)
+    rv = iv * BV + tl.arange(0, BV)
+    _state_tile(Q, KL, VS, HS, GS, OUT, rq, rq < tl.minimum(j * C + C, L), h // G, h, j, HV, sq_t, sq_h, skl_t, skl_h,
+                svs_t, svs_h, sh_c, sh_h, sg_t, eps_l2, scale, rv, rv < V, K, V, BQ, BV, BKS, PREC, LOWP, V_FIRST,
+                USE_G)
+
+
+def state_output(q: torch.Tensor, state: dict, out: torch.Tensor, scale: float, chunk_size: int) -> torch.Tensor:
+    """The state output of L tokens into out [L, HV, V] from the state path's pieces (prefill_read's `state`; its
+    chunks of chunk_size tokens start at row 0), raw q [L, H, K]: fla's `chunk_fwd_o`, as the read launch computes
+    it for a fresh prompt, alone (a prompt selected in pieces computes each piece's state output as it arrives)."""
+    L, H, K = q.shape
+    HV, V = out.shape[1:]
+    C = chunk_size
+    st, strides = _state_args(state, out, triton.cdiv(L, C))
+    assert q.stride(-1) == 1 and _pow2(C) == C
+    BV = _pow2(min(V, 64)) if INTERPRET else 256  # H100: 4 warps, 2 stages (docs/notes.md, session 10)
+    lowp = state['v_new'].dtype != torch.float32 and not INTERPRET
+    _state_kernel[(triton.cdiv(V, BV), triton.cdiv(L, C), HV)](
+        q, st['KL'], st['VS'], st['HS'], st['GS'], out, L, HV, q.stride(0), q.stride(1), *strides, 1e-6, scale, C=C,
+        G=HV // H, K=K, V=V, BQ=C, BV=BV, BKS=min(_pow2(K), 64), LOWP=lowp,
+        PREC='ieee' if state['v_new'].dtype == torch.float32 else 'tf32',
+        V_FIRST=state['v_first'], USE_G=state['g'] is not None,
+        **({} if INTERPRET else dict(num_warps=4, num_stages=2)))
+    return out
+
+
 def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  idx: torch.Tensor, cnt: torch.Tensor, seen0: int, o_state: torch.Tensor | None, weight: torch.Tensor,
                  scale: float, shared: bool, block_size: int, read_block: bool = True, eps: float = 1e-6,
@@ -350,13 +394,8 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
         st, st_strides = dict(KL=out, VS=out, HS=out, GS=out), (0,) * 7
     else:  # the state output goes to `out` first: the reads combine in place
         assert seen0 % block_size == 0 and _pow2(block_size) == block_size, 'state output: blocks must be chunks'
-        hs, vs, kl, gs = state['h'], state['v_new'], state['k'], state['g']
-        assert hs.shape[0] == NB and hs[0, 0].is_contiguous() and vs.stride(-1) == kl.stride(-1) == 1
-        assert out.is_contiguous() and (gs is None or gs.stride(-1) == 1)
         o_state = out
-        st = dict(KL=kl, VS=vs, HS=hs, GS=out if gs is None else gs)
-        st_strides = (kl.stride(0), kl.stride(1), vs.stride(0), vs.stride(1), hs.stride(0), hs.stride(1),
-                      0 if gs is None else gs.stride(0))
+        st, st_strides = _state_args(state, out, NB)
     BQ, BK = _pow2(block_size), _pow2(K)
     prec = 'ieee' if v_new.dtype == torch.float32 else 'tf32'
     # Triton 3.9's interpreter computes bf16 dots wrongly (numpy has no bf16): float32 dots there

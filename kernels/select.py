@@ -50,7 +50,8 @@ TILE = 2048  # sorted entries per step of the walk (tests set it smaller)
 @triton.jit
 def _select_kernel(ORD, POS, OUT, CNT, s_oh, s_on, N, NB, b0, M, C, HAS_POS: tl.constexpr, BT: tl.constexpr,
                    BM: tl.constexpr):
-    """Program (j, h): the members of the cache of block b0 + j, in priority order, then -1 up to M."""
+    """Program (j, h): the members of the cache of block b0 + j, in priority order, then -1 up to M. NB: OUT's and
+    CNT's head stride in blocks."""
     j, h = tl.program_id(0), tl.program_id(1)
     b = b0 + j
     cnt = tl.program_id(0) * 0
@@ -89,6 +90,100 @@ def select_caches(score: torch.Tensor, pos: torch.Tensor | None, b0: int, n_bloc
         return out, cnt.zero_()
     order = priority_order(score, pos, eviction, by_pos)                # [HV, N]
     pos = pos.contiguous() if pos is not None else order
-    _select_kernel[(n_blocks, HV)](order, pos, out, cnt, order.stride(0), order.stride(1), N, n_blocks, b0, M, C,
-                                   HAS_POS=pos is not order, BT=TILE, BM=128, num_warps=8)  # H100 A/Bs: docs/notes.md
+    _walk(order, pos, out, cnt, b0, n_blocks, M, C)
     return out, cnt
+
+
+def _walk(order, pos, out, cnt, b0, n_blocks, M, C):
+    """The caches of blocks b0 .. b0 + n_blocks - 1 from the candidates' priority order, into out [HV, >= n_blocks,
+    M] and cnt [HV, >= n_blocks] (row j: block b0 + j; views of larger buffers allowed)."""
+    assert out.stride(1) == M and out.stride(2) == 1 and cnt.stride(0) * M == out.stride(0) and cnt.stride(1) == 1
+    _select_kernel[(n_blocks, order.shape[0])](order, pos, out, cnt, order.stride(0), order.stride(1), order.shape[1],
+                                               cnt.stride(0), b0, M, C, HAS_POS=pos is not order,
+                                               BT=TILE, BM=128, num_warps=8)  # H100 A/Bs: docs/notes.md
+
+
+@triton.jit
+def _count_before(KEYS, base, s, lo, hi, STRICT: tl.constexpr, NIT: tl.constexpr, INDIRECT: tl.constexpr, SC,
+                  s_sc):
+    """For each key s: the number of entries of a non-increasing list in [lo, hi) that come before it, i.e. greater
+    than s (STRICT) or at least s; binary search, NIT >= log2(hi - lo + 1) steps. The list is KEYS[base + i], or
+    (INDIRECT) SC[KEYS[base + i] * s_sc] (scores of the positions KEYS holds)."""
+    for _ in range(NIT):
+        mid = (lo + hi) // 2
+        go = lo < hi
+        x = tl.load(KEYS + base + mid, mask=go, other=0)
+        if INDIRECT:
+            x = tl.load(SC + x * s_sc, mask=go, other=0.)
+        before = (x > s) if STRICT else (x >= s)
+        lo = tl.where(go & before, mid + 1, lo)
+        hi = tl.where(go & (before == 0), mid, hi)
+    return lo
+
+
+@triton.jit
+def _merge_kernel(CAR, CCNT, SC, NV, NI, OUT, s_car, s_cnt, s_sc, s_n, start, L, M, BT: tl.constexpr,
+                  NIT_L: tl.constexpr, NIT_M: tl.constexpr):
+    """Program (t, h): elements [t BT, t BT + BT) of [carried (M), new (L)] of value head h, written to their rank
+    in priority order (score desc, position asc) in OUT [HV, M + L] as positions (-1 for empty carried slots, last).
+    CAR [HV, M] (head stride s_car): the carried positions in priority order, CCNT[h * s_cnt] of them valid;
+    SC: scores (position p, head h at SC[p * s_sc + h]); NV, NI [HV, L] (head stride s_n): the new tokens' scores
+    sorted descending, stably, and their indices (position start + index). Every carried token precedes every new
+    one, so a carried token comes after the new ones of greater score, a new one after the carried of equal or
+    greater score."""
+    t, h = tl.program_id(0), tl.program_id(1)
+    e = t * BT + tl.arange(0, BT)
+    nc = tl.load(CCNT + h * s_cnt)
+    car = e < M
+    valid = car & (e < nc)
+    new = (e >= M) & (e < M + L)
+    j = tl.where(new, e - M, 0)
+    cp = tl.load(CAR + h * s_car + tl.where(valid, e, 0), mask=valid, other=0)
+    s = tl.where(valid, tl.load(SC + cp * s_sc + h, mask=valid, other=0.),
+                 tl.load(NV + h * s_n + j, mask=new, other=0.))
+    zero = tl.zeros([BT], dtype=tl.int32)
+    # carried k: the new scores greater than its own; new j: the carried scores at least its own
+    n_new = _count_before(NV, h * s_n, s, zero, zero + L, True, NIT_L, False, SC, s_sc)
+    n_car = _count_before(CAR, h * s_car, s, zero, zero + nc, False, NIT_M, True, SC + h, s_sc)
+    rank = tl.where(valid, e + n_new, tl.where(new, j + n_car, nc + L + e - nc))
+    pos = tl.where(valid, cp, tl.where(new, start + tl.load(NI + h * s_n + j, mask=new, other=0), -1))
+    tl.store(OUT + h * (M + L) + rank, pos.to(tl.int32), mask=e < M + L)
+
+
+def sort_new(score: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores of tokens [start, end) (score [L, HV]) sorted descending, stably, and their indices: [HV, end - start]
+    each (`select_piece`'s `new_sorted`, independent of the pieces before)."""
+    return torch.sort(score[start:end].t().contiguous(), dim=-1, descending=True, stable=True)
+
+
+def select_piece(score: torch.Tensor, start: int, end: int, C: int, idx: torch.Tensor, cnt: torch.Tensor,
+                 eviction: str = 'surprise', new_sorted: tuple | None = None) -> None:
+    """The caches of a fresh prompt's blocks start // C .. end // C (start a multiple of C), chosen among its tokens
+    [0, end), into those rows of idx [HV, NB, M] (token indices, -1 empty) and cnt [HV, NB], as `select_caches` with
+    pos=None lays them out. score [L, HV]: the prompt's write scores (rows < end are read). The tokens before start
+    enter through idx's row of block start // C, their top-M from the call for the piece before: top-M(A + B) =
+    top-M(top-M(A) + B), so a prompt can be selected piece by piece, each piece as soon as its scores exist.
+    new_sorted: `sort_new(score, start, end)` if already computed (surprise eviction)."""
+    HV, NB, M = idx.shape
+    b0, n = start // C, end // C - start // C + 1
+    if M == 0:
+        cnt[:, b0:b0 + n] = 0
+        return
+    if eviction == 'surprise':
+        vals, order = new_sorted if new_sorted is not None else sort_new(score, start, end)
+    if start == 0:  # candidate i is token i: the priority order lists positions
+        order = order if eviction == 'surprise' else priority_order(score[:end].t(), None, eviction)
+        _walk(order, order, idx[:, b0:], cnt[:, b0:], b0, n, M, C)
+        return
+    # the candidates, in priority order, as positions: the carried top-M merged with the new tokens
+    L = end - start
+    if eviction == 'surprise':
+        merged = torch.empty(HV, M + L, dtype=torch.int32, device=idx.device)
+        BT = 128
+        _merge_kernel[(triton.cdiv(M + L, BT), HV)](
+            idx[:, b0], cnt[:, b0], score, vals, order, merged, idx.stride(0), cnt.stride(0), score.stride(0),
+            vals.stride(0), start, L, M, BT=BT, NIT_L=L.bit_length() + 1, NIT_M=M.bit_length() + 1)
+    else:  # recency: the new tokens latest first, then the carried ones (latest first, empty slots last)
+        merged = torch.cat([torch.arange(end - 1, start - 1, -1, device=idx.device, dtype=torch.int32).expand(HV, -1),
+                            idx[:, b0]], 1)
+    _walk(merged, merged, idx[:, b0:], cnt[:, b0:], b0, n, M, C)

@@ -17,12 +17,15 @@ def _row_norm_kernel(X, OUT, R, D: tl.constexpr, BR: tl.constexpr, BD: tl.conste
     tl.store(OUT + r, tl.sqrt(tl.sum(x * x, 1)), mask=r < R)
 
 
-def row_norm(x: torch.Tensor) -> torch.Tensor:
+def row_norm(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """||x|| over the last dimension in float32, one pass over x (the write score m = ||beta e|| from fla's
-    v_new = beta e). torch.linalg.vector_norm(dtype=float32) first casts the whole tensor."""
+    v_new = beta e), into `out` (contiguous, x.shape[:-1]) if given. torch.linalg.vector_norm(dtype=float32) first
+    casts the whole tensor."""
     x = x.contiguous()
     D = x.shape[-1]
-    out = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    assert out.shape == x.shape[:-1] and out.is_contiguous() and out.dtype == torch.float32
     R = out.numel()
     BD = triton.next_power_of_2(D)
     BR = max(1, 4096 // BD)

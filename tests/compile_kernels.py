@@ -39,9 +39,15 @@ def main():
                             BS='*fp32', RANK='*i32', TICKET='*i32'),
                        dict(G=2, K=128, V=256, M=64, C=64, BK=128, BV=64, BVF=256, E=32, BC=64, BT=4,
                             BP=4, TAIL=2, SHARED=True, SURPRISE=True, READ_BLOCK=True, STEP=step, NEG=False))
+    for v_first in (True, False):  # GDN's state layout and gate, DeltaNet's
+        compile_kernel(read._state_kernel, dict(Q=bf, KL=bf, VS=bf, HS=bf, GS='*fp32', OUT=bf),
+                       dict(C=64, G=1, K=256, V=512, BQ=64, BV=256, BKS=64, PREC='tf32', LOWP=True, V_FIRST=v_first,
+                            USE_G=v_first))
     for has_pos in (False, True):
         compile_kernel(select._select_kernel, dict(ORD='*i64', POS='*i64', OUT='*i32', CNT='*i32'),
                        dict(HAS_POS=has_pos, BT=2048, BM=128))
+    compile_kernel(select._merge_kernel, dict(CAR='*i32', CCNT='*i32', SC='*fp32', NV='*fp32', NI='*i64', OUT='*i32'),
+                   dict(BT=128, NIT_L=15, NIT_M=11))
     for reset in (False, True):
         compile_kernel(write._store_kernel,
                        dict(IDX='*i32', KO=bf, VO=bf, SO='*fp32', PO='*i64', KN=bf, VN=bf, SN='*fp32', CK=bf, CV=bf,
