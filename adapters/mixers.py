@@ -15,7 +15,7 @@ from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 from torch.nn import functional as F
 
-from ..kernels.memory import kernels_enabled, memory_decode_fused, memory_prefill_fused
+from ..kernels.memory import kernels_enabled, memory_decode_fused, memory_prefill_fused, prompt_pieces
 from .config import MemoryConfig
 from .fallbacks import expand_heads, l2_normalize, spans
 from .reference import empty_memory, memory_forward
@@ -119,15 +119,18 @@ class HolaMixin:
             recurrent = step['S']
         else:
             # a fresh prompt's blocks are the state path's chunks: the read kernel then computes the state output too
+            parts = fused and fresh and self.hola.block_size == CHUNK
             o, score, recurrent, k_rstd = state_forward(
                 self.kind, q, k, v, beta, a, getattr(self, 'A_log', None), getattr(self, 'dt_bias', None),
-                self.allow_neg_eigval, previous, cu_seqlens, parts=fused and fresh and self.hola.block_size == CHUNK)
+                self.allow_neg_eigval, previous, cu_seqlens, parts=parts,
+                pieces=prompt_pieces(T) if parts and len(seqs) == 1 and B == 1 and cu_seqlens is None else 1)
             if fused:  # the kernels normalise raw q/k themselves and write the output in place
                 parts = None
                 if isinstance(o, dict):
                     parts, o = sequence_parts(o, seqs, cu_seqlens is not None), torch.empty_like(v)
                 for n, (b, s, e) in enumerate(seqs):
-                    memory_prefill_fused(mem, n, q[b, s:e], k[b, s:e], v[b, s:e], score[b, s:e],
+                    memory_prefill_fused(mem, n, q[b, s:e], k[b, s:e], v[b, s:e],
+                                         None if score is None else score[b, s:e],
                                          None if parts else o[b, s:e], params, self.hola, scale, out=o[b, s:e],
                                          fresh=fresh, k_rstd=None if k_rstd is None else k_rstd[b, s:e],
                                          state=next(parts) if parts else None)

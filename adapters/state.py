@@ -19,17 +19,18 @@ from .reference import delta_rule_with_score
 
 
 def state_forward(kind: str, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval: bool,
-                  initial_state, cu_seqlens, parts: bool = False):
+                  initial_state, cu_seqlens, parts: bool = False, pieces: int = 1):
     """Returns o [B, T, HV, V] (scaled by d_k^-0.5, fla's output), score [B, T, HV] float32, the final state
     and the rstd of k's L2 norm [B, T, H] (float32; None where the path does not compute it).
 
     kind: 'gdn' or 'deltanet'. For DeltaNet, `beta_raw` is already beta (fla's layer applies the
     sigmoid itself) and `a_raw`, `A_log`, `dt_bias` are None. `parts=True`: where fla's chunked prefill runs
     (CUDA, no autograd, more than one token per sequence), o is not computed: the first value is instead a
-    dict of the pieces fla's output kernel would read (see `sequence_parts`), for the memory's read kernel."""
+    dict of the pieces fla's output kernel would read (see `sequence_parts`), for the memory's read kernel; with
+    `pieces` > 1 (one sequence) the recurrence runs in pieces of the prompt (see `_chunk_cuda`), score None."""
     if q.is_cuda:
         return _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                                   initial_state, cu_seqlens, parts)
+                                   initial_state, cu_seqlens, parts, pieces)
     return (*_state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
                                       initial_state, cu_seqlens), None)
 
@@ -61,7 +62,7 @@ def _state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, all
 
 
 def _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                        initial_state, cu_seqlens, parts=False):
+                        initial_state, cu_seqlens, parts=False, pieces=1):
     B, T, H, K = q.shape
     scale = K ** -0.5
     n_seq = B if cu_seqlens is None else len(cu_seqlens) - 1
@@ -82,7 +83,7 @@ def _state_forward_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_ne
                                   initial_state, cu_seqlens)
         return o, score, final, None
     return _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
-                       initial_state, cu_seqlens, scale, parts=parts)
+                       initial_state, cu_seqlens, scale, parts=parts, pieces=pieces)
 
 
 def gdn_backward_problem() -> str | None:
@@ -135,11 +136,20 @@ def _fla_chunk(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval,
 CHUNK = 64  # fla's chunk size
 
 
+def piece_bounds(T: int, pieces: int, chunk_size: int = CHUNK) -> list[tuple[int, int]]:
+    """[start, end) of `pieces` near-equal pieces of T tokens, cut at multiples of chunk_size."""
+    cuts = [i * T // pieces // chunk_size * chunk_size for i in range(pieces)] + [T]
+    return [(s, e) for s, e in zip(cuts, cuts[1:]) if e > s]
+
+
 def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens,
-                scale, chunk_size: int = CHUNK, parts: bool = False):
+                scale, chunk_size: int = CHUNK, parts: bool = False, pieces: int = 1):
     """fla's chunked forward, step for step as `chunk_(gated_)delta_rule` runs it, keeping v_new (the score)
     and k's rstd (the memory's key factors). `parts`: stop before the output kernel and return its inputs
-    instead of o (the memory's read kernel computes the output; q's L2 norm is then not needed either)."""
+    instead of o (the memory's read kernel computes the output; q's L2 norm is then not needed either).
+    `pieces` > 1 (with `parts`, one sequence): the recurrence runs in that many pieces of the prompt, and the
+    first value is {'k', 'g', 'v_first', 'pieces': [{'start', 'end', 'h', 'v_new', 'ready' (event)}]}, score None:
+    the memory computes it per piece (kernels.memory._prefill_in_pieces)."""
     from fla.modules.l2norm import l2norm_fwd
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
     from fla.ops.common.chunk_o import chunk_fwd_o
@@ -165,6 +175,24 @@ def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval
         w, u, _ = prepare_wy_repr_fwd(k=k, v=v, beta=beta_raw, cu_seqlens=cu_seqlens,
                                       chunk_indices=chunk_indices, chunk_size=chunk_size)
         v_first = False
+    if parts and pieces > 1:  # the recurrence piece by piece, each piece's end marked by an event (one sequence)
+        assert k.shape[0] == 1 and cu_seqlens is None
+        from ..kernels.memory import side_stream
+        out, final = [], initial_state
+        # highest priority: the recurrence takes the GPU's blocks first whenever the memory's streams also have work
+        with side_stream(k.device, 'recurrence', -2, uses=(k, w, u, g, initial_state), fork=True):
+            for s, e in piece_bounds(k.shape[1], pieces, chunk_size):
+                sl = slice(s, e)
+                h, v_new, state = chunk_gated_delta_rule_fwd_h(k=k[:, sl], w=w[:, sl], u=u[:, sl],
+                                                               g=None if g is None else g[:, sl], initial_state=final,
+                                                               output_final_state=True, state_v_first=v_first,
+                                                               chunk_size=chunk_size)
+                ready = torch.cuda.Event()
+                ready.record()
+                out.append(dict(start=s, end=e, h=h, v_new=v_new, ready=ready))
+                final = state
+        final.record_stream(torch.cuda.current_stream(k.device))
+        return dict(k=k, g=g, v_first=v_first, pieces=out), None, final, k_rstd
     h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=initial_state,
                                                    output_final_state=True, cu_seqlens=cu_seqlens,
                                                    chunk_indices=chunk_indices, state_v_first=v_first,
@@ -182,6 +210,11 @@ def sequence_parts(parts: dict, seqs: list[tuple[int, int, int]], varlen: bool):
     """The pieces of `state_forward(parts=True)` for each sequence (b, s, e) of `spans`, as `prefill_read(state=)`
     takes them: its chunks' starting states h [NC, HV, ...], v_new, unit-L2 k, the gate cumsum g (or None) and
     the state layout. Packed sequences (varlen) own consecutive chunks of h, in order."""
+    if 'pieces' in parts:  # one sequence, whole
+        (b, s, e), = seqs
+        yield dict(parts, k=parts['k'][b], g=None if parts['g'] is None else parts['g'][b],
+                   pieces=[dict(p, h=p['h'][b], v_new=p['v_new'][b]) for p in parts['pieces']])
+        return
     c0 = 0
     for b, s, e in seqs:
         nc = -(-(e - s) // CHUNK)

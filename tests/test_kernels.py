@@ -15,6 +15,7 @@ from hola_retrofit.adapters.reference import delta_rule_with_score, empty_memory
 from hola_retrofit.kernels.memory import memory_decode_fused, memory_prefill_fused
 from hola_retrofit.kernels import select
 from hola_retrofit.kernels.select import select_caches
+from hola_retrofit.kernels.write import row_norm
 
 DEV = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -52,6 +53,28 @@ def test_select_equals_brute_force(monkeypatch, eviction, M, C, N, tile):
             got = [i for i in idx[h, j].tolist() if i >= 0]
             assert got == expect, (h, b)
             assert cnt[h, j] == len(expect)
+
+
+@pytest.mark.parametrize('eviction', ['surprise', 'recency'])
+@pytest.mark.parametrize('M,C,L,cuts', [(4, 3, 40, (9, 21)), (16, 4, 70, (8, 12, 40)), (7, 5, 61, (30,)),
+                                        (20, 8, 200, (64, 128)), (5, 16, 48, (16, 32))])
+def test_select_by_pieces_equals_whole(monkeypatch, eviction, M, C, L, cuts):
+    """A prompt selected piece by piece (each piece's candidates: the cache of its first block and its own tokens)
+    against the selection over the whole prompt at once; scores with ties; small walk tiles."""
+    from hola_retrofit.kernels.select import select_piece
+    monkeypatch.setattr(select, 'TILE', 16)
+    g = torch.Generator().manual_seed(M + L)
+    HV = 3
+    score = torch.randint(0, 6, (L, HV), generator=g).float().to(DEV)
+    NB = L // C + 1
+    want, want_cnt = select_caches(score.t(), None, 0, NB, M, C, eviction)
+    idx = torch.full((HV, NB, M), -7, dtype=torch.int32, device=DEV)
+    cnt = torch.full((HV, NB), -7, dtype=torch.int32, device=DEV)
+    bounds = [0, *(c // C * C for c in cuts), L]
+    for s, e in zip(bounds, bounds[1:]):
+        select_piece(score, s, e, C, idx, cnt, eviction)
+    assert torch.equal(cnt, want_cnt)
+    assert torch.equal(idx, want)
 
 
 def _inputs(L, HV, K, V, seed, dtype=torch.float32, H=None):
@@ -157,6 +180,16 @@ def _chunk_pieces(q, k, v, beta, log_alpha, C, v_first, scale):
     return dict(h=torch.stack(hs).contiguous(), v_new=v_new, k=l2_normalize(k.float()), g=g, v_first=v_first), o
 
 
+def _state_path_inputs(HV, H, K, V, M, C, L, gated_state):
+    """Raw q, k, v, a score, the memory parameters, and the float32 chunked state path's pieces and output
+    (scale K^-0.5) for random beta and (gated_state) decay."""
+    q, k, v, score, _, params = _inputs(L, HV, K, V, seed=L + M + HV, H=H)
+    g = torch.Generator().manual_seed(L)
+    beta = torch.rand(L, HV, generator=g).to(DEV)
+    log_alpha = (-0.3 * torch.rand(L, HV, generator=g)).to(DEV) if gated_state else None
+    return q, k, v, score, params, *_chunk_pieces(q, k, v, beta, log_alpha, C, gated_state, K ** -0.5)
+
+
 @pytest.mark.parametrize('rule,sharp', [('shared', False), ('gated', False), ('shared', True)])
 @pytest.mark.parametrize('gated_state', [True, False])  # GDN (decay, fla's value-first state) or DeltaNet
 @pytest.mark.parametrize('HV,H,K,V,M,C,L', [(2, 2, 16, 16, 8, 16, 37), (4, 2, 16, 32, 12, 32, 70),
@@ -165,12 +198,8 @@ def _chunk_pieces(q, k, v, beta, log_alpha, C, v_first, scale):
 def test_prefill_kernel_state_output(HV, H, K, V, M, C, L, gated_state, rule, sharp):
     """The read kernel computing the state output itself from the chunked state path's pieces (a fresh prompt's
     blocks are chunks) against the reference memory given the state output of the float32 recurrence."""
-    q, k, v, score, _, params = _inputs(L, HV, K, V, seed=L + M + HV, H=H)
-    g = torch.Generator().manual_seed(L)
-    beta = torch.rand(L, HV, generator=g).to(DEV)
-    log_alpha = (-0.3 * torch.rand(L, HV, generator=g)).to(DEV) if gated_state else None
+    q, k, v, score, params, pieces, o_state = _state_path_inputs(HV, H, K, V, M, C, L, gated_state)
     scale = K ** -0.5
-    pieces, o_state = _chunk_pieces(q, k, v, beta, log_alpha, C, gated_state, scale)
     if sharp:  # the online launch (see test_prefill_kernel_sharp_logits)
         c = 360 / math.log2(math.e) / K ** 0.5
         params.update(q_gamma=torch.full_like(params['q_gamma'], c ** 0.5),
@@ -181,6 +210,33 @@ def test_prefill_kernel_state_output(HV, H, K, V, M, C, L, gated_state, rule, sh
     mem = empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV))
     out = memory_prefill_fused(mem, 0, q, k, v, score, None, params, cfg, scale, fresh=True, state=pieces)
     assert rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize('gated_state', [True, False])
+@pytest.mark.parametrize('HV,H,K,V,M,C,L,cuts', [(2, 2, 16, 16, 8, 16, 70, (16, 48)), (4, 2, 16, 32, 12, 32, 96, (64,)),
+                                                 (1, 1, 32, 48, 5, 16, 33, (16,)), (2, 1, 8, 12, 0, 16, 40, (32,))])
+@torch.no_grad()
+def test_prefill_in_pieces(HV, H, K, V, M, C, L, cuts, gated_state):
+    """A fresh prompt whose state path ran in pieces (`kernels.memory._prefill_in_pieces`: per piece the write
+    score, the selection and the state output, then one read) against the reference memory on the float32
+    recurrence, output and memory state."""
+    q, k, v, _, params, whole, o_state = _state_path_inputs(HV, H, K, V, M, C, L, gated_state)
+    scale = K ** -0.5
+    score = row_norm(whole['v_new'])  # the write score from the state path's v_new, as the pieces compute it
+    cfg = MemoryConfig(cache_size=M, block_size=C)
+    mem_ref = empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV))
+    ref = memory_forward(mem_ref, 0, unit(q, HV), unit(k, HV), v, score, o_state, params, cfg, scale)
+    bounds = [0, *cuts, L]
+    pieces = [dict(start=s, end=e, h=whole['h'][s // C:-(-e // C)], v_new=whole['v_new'][s:e], ready=None)
+              for s, e in zip(bounds, bounds[1:])]
+    state = dict(k=whole['k'], g=whole['g'], v_first=gated_state, pieces=pieces)
+    mem = empty_memory(1, HV, K, V, cfg, torch.float32, torch.device(DEV), init=False)
+    out = memory_prefill_fused(mem, 0, q, k, v, None, None, params, cfg, scale, out=torch.full_like(v, float('nan')),
+                               fresh=True, state=state)
+    assert rel(out, ref) < 1e-4
+    for key in ('cache_v', 'cache_score', 'cache_pos', 'seen', 'block_score'):
+        assert torch.equal(mem_ref[key], mem[key]), key
+    assert rel(mem['cache_k'], mem_ref['cache_k']) < 1e-6
 
 
 @pytest.mark.parametrize('read_block,M,V', [(True, 6, 24), (False, 6, 24), (True, 20, 24), (True, 40, 48)])
@@ -300,6 +356,19 @@ def test_model_with_kernels_equals_reference_model(monkeypatch, kind):
     assert rel(run(), ref) < (2e-3 if DEV == 'cuda' else 1e-4)
 
 
+def _cuda_model_and_reference(monkeypatch, kind, layers, batch, T):
+    """A tiny retrofitted model on CUDA (block size 64, fla's chunk), random ids, and the logits of the PyTorch
+    memory; HOLA_KERNELS=1 afterwards."""
+    torch.manual_seed(0)
+    model = hola_from_base(tiny_base(kind, num_hidden_layers=layers), cache_size=6, block_size=64, sink_init=2.0,
+                           gamma_init=1.5).cuda()
+    ids = torch.randint(3, VOCAB, (batch, T), device='cuda')
+    monkeypatch.setenv('HOLA_KERNELS', '0')
+    ref = model(ids).logits
+    monkeypatch.setenv('HOLA_KERNELS', '1')
+    return model, ids, ref
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked prefill, whose pieces the kernel reads: CUDA")
 @pytest.mark.parametrize('kind', ['gdn', 'deltanet'])
 @torch.no_grad()
@@ -307,19 +376,38 @@ def test_model_state_output_in_read_kernel(monkeypatch, kind):
     """With block size 64 (fla's chunk), a fresh prompt's read kernel computes the state output itself instead of
     fla's output kernel: against the PyTorch memory on fla's output, and a left-padded batch (packed sequences:
     each sequence's own chunks of the state) against each sequence alone."""
-    torch.manual_seed(0)
-    model = hola_from_base(tiny_base(kind, num_hidden_layers=1), cache_size=6, block_size=64, sink_init=2.0,
-                           gamma_init=1.5).cuda()
-    ids = torch.randint(3, VOCAB, (2, 150), device='cuda')
-    monkeypatch.setenv('HOLA_KERNELS', '0')
-    ref = model(ids).logits
-    monkeypatch.setenv('HOLA_KERNELS', '1')
+    model, ids, ref = _cuda_model_and_reference(monkeypatch, kind, layers=1, batch=2, T=150)
     assert rel(model(ids).logits, ref) < 2e-3  # fla's output kernel uses TF32 for float32, ours IEEE
     mask = torch.ones_like(ids)
     mask[0, :37] = 0
     out = model(ids, attention_mask=mask).logits
     assert rel(out[0, 37:], model(ids[:1, 37:]).logits[0]) < 2e-3
     assert rel(out[1], ref[1]) < 2e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked prefill in pieces, on CUDA streams")
+@pytest.mark.parametrize('kind', ['gdn', 'deltanet'])
+@torch.no_grad()
+def test_model_prefill_in_pieces(monkeypatch, kind):
+    """A fresh prompt whose state path runs in pieces (its recurrence on a high-priority stream, each piece's state
+    output, scores and caches on three more streams as the piece arrives) against the same prompt in one piece:
+    the same logits and memory state, three times (a race between the streams would show as a difference); and
+    against the PyTorch memory."""
+    import hola_retrofit.kernels.memory as memory
+    calls, real = [], memory._prefill_in_pieces
+    monkeypatch.setattr(memory, '_prefill_in_pieces', lambda *a: calls.append(1) or real(*a))
+    model, ids, ref = _cuda_model_and_reference(monkeypatch, kind, layers=2, batch=1, T=700)
+    monkeypatch.setenv('HOLA_PIECE_TOKENS', '0')
+    out = model(ids, use_cache=True)
+    whole, mem = out.logits, out.past_key_values[1]['hola_memory']
+    assert rel(whole, ref) < 2e-3 and not calls
+    monkeypatch.setenv('HOLA_PIECE_TOKENS', '200')  # pieces [0, 192), [192, 448), [448, 700)
+    for _ in range(3):
+        out = model(ids, use_cache=True)
+        assert rel(out.logits, whole) < 1e-6
+        for key, t in out.past_key_values[1]['hola_memory'].items():
+            assert torch.equal(t, mem[key]), key
+    assert len(calls) == 6  # 2 layers, 3 runs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='a race between warps of compiled programs: CUDA')
