@@ -305,7 +305,8 @@ def main():
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     dtype = torch.bfloat16 if dev == 'cuda' else torch.float32
     machine = dict(device=torch.cuda.get_device_name() if dev == 'cuda' else platform.processor() or 'cpu',
-                   torch=torch.__version__, triton=__import__('triton').__version__)
+                   torch=torch.__version__, triton=__import__('triton').__version__,
+                   switches={k: v for k, v in os.environ.items() if k.startswith('HOLA_')})
     print(json.dumps(machine), flush=True)
     base, kw = build_base(args.small, dev, dtype)
     rows = []
