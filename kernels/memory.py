@@ -29,8 +29,8 @@ def kernels_enabled(t: torch.Tensor) -> bool:
 def prompt_pieces(T: int) -> int:
     """How many pieces a fresh prompt of T tokens is run in (state path beside the memory's selection and state
     output, see `_prefill_in_pieces`): one per HOLA_PIECE_TOKENS tokens (default 0: one piece). Pieces save device
-    time (H100, 32k tokens: 4 pieces, 1.5-3 ms of 117) but add about 60 small launches a layer: worth it under CUDA
-    graphs or where the host launches fast, not in eager mode on a slow host (docs/notes.md, session 12)."""
+    time (H100, 32k tokens: 4 pieces, 2.5-3.5 ms of about 117) but add about 60 small launches a layer: worth it
+    under CUDA graphs or where the host launches fast, not in eager mode on a slow host (docs/notes.md, session 12)."""
     size = int(os.environ.get('HOLA_PIECE_TOKENS', '0'))
     return max(1, T // size) if size > 0 else 1
 
