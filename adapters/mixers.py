@@ -123,7 +123,7 @@ class HolaMixin:
             o, score, recurrent, k_rstd = state_forward(
                 self.kind, q, k, v, beta, a, getattr(self, 'A_log', None), getattr(self, 'dt_bias', None),
                 self.allow_neg_eigval, previous, cu_seqlens, parts=parts,
-                pieces=prompt_pieces(T) if parts and len(seqs) == 1 and B == 1 and cu_seqlens is None else 1)
+                pieces=prompt_pieces(T, v.device) if parts and len(seqs) == 1 and B == 1 and cu_seqlens is None else 1)
             if fused:  # the kernels normalise raw q/k themselves and write the output in place
                 parts = None
                 if isinstance(o, dict):

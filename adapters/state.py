@@ -12,6 +12,7 @@ the sigmoid / softplus); GDN state [N, HV, V, K] (value-first), DeltaNet state [
 from __future__ import annotations
 
 import torch
+import triton
 
 from ..kernels.write import row_norm
 from .fallbacks import expand_heads, gdn_beta, gdn_decay, l2_normalize, spans
@@ -92,7 +93,6 @@ def gdn_backward_problem() -> str | None:
     import os
     if os.environ.get('HOLA_GDN_BACKWARD') == 'fla' or not torch.cuda.is_available():
         return None
-    import triton
     version = tuple(int(p) for p in triton.__version__.split('+')[0].split('.')[:3] if p.isdigit())
     forced = os.environ.get('HOLA_GDN_BACKWARD') == 'torch'
     if forced or (torch.cuda.get_device_capability()[0] == 9 and (3, 4) <= version < (3, 7, 1)):
@@ -142,6 +142,29 @@ def piece_bounds(T: int, pieces: int, chunk_size: int = CHUNK) -> list[tuple[int
     return [(s, e) for s, e in zip(cuts, cuts[1:]) if e > s]
 
 
+def _recurrence(k, w, u, g, initial_state, v_first: bool, chunk_size: int):
+    """fla's `chunk_gated_delta_rule_fwd_h` for unpacked sequences, its kernel launched as that function launches it,
+    except that (1) the final state is allocated without zeroing it (the kernel writes all of it): between two pieces
+    of a prompt, the wrapper's zero-fill kernel let the memory's state output take the GPU before the next piece's
+    recurrence (a CUDA graph trace: 27-36 us lost per piece, docs/notes.md session 13); (2) there is always an initial
+    state (zeros for a fresh prompt, the same result): the kernel's autotuner keys on it, so a prompt in one piece
+    (eager) tunes the variant its pieces use (later pieces start from a state), which a CUDA graph capture of the
+    pieces could not (no timing inside a capture)."""
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as kernel
+    B, T, H, K = k.shape
+    HV, V = u.shape[2], u.shape[3]
+    state = (HV, V, K) if v_first else (HV, K, V)
+    h = k.new_empty(B, triton.cdiv(T, chunk_size), *state)
+    final = k.new_empty(B, *state, dtype=torch.float32)
+    if initial_state is None:
+        initial_state = torch.zeros_like(final)
+    v_new = torch.empty_like(u)
+    kernel[lambda meta: (triton.cdiv(V, meta['BV']) * B * HV,)](
+        k=k, v=u, w=w, v_new=v_new, g=g, gk=None, h=h, h0=initial_state, ht=final, cu_seqlens=None,
+        chunk_offsets=None, T=T, H=H, HV=HV, K=K, V=V, BT=chunk_size, STATE_V_FIRST=v_first)
+    return h, v_new, final
+
+
 def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval, initial_state, cu_seqlens,
                 scale, chunk_size: int = CHUNK, parts: bool = False, pieces: int = 1):
     """fla's chunked forward, step for step as `chunk_(gated_)delta_rule` runs it, keeping v_new (the score)
@@ -177,26 +200,25 @@ def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval
         v_first = False
     if parts and pieces > 1:  # the recurrence piece by piece, each piece's end marked by an event (one sequence)
         assert k.shape[0] == 1 and cu_seqlens is None
-        from ..kernels.memory import side_stream
+        from ..kernels.memory import _event, side_stream
         out, final = [], initial_state
         # highest priority: the recurrence takes the GPU's blocks first whenever the memory's streams also have work
-        with side_stream(k.device, 'recurrence', -2, uses=(k, w, u, g, initial_state), fork=True):
+        with side_stream(k.device, 'recurrence', -3, uses=(k, w, u, g, initial_state), fork=True):
             for s, e in piece_bounds(k.shape[1], pieces, chunk_size):
                 sl = slice(s, e)
-                h, v_new, state = chunk_gated_delta_rule_fwd_h(k=k[:, sl], w=w[:, sl], u=u[:, sl],
-                                                               g=None if g is None else g[:, sl], initial_state=final,
-                                                               output_final_state=True, state_v_first=v_first,
-                                                               chunk_size=chunk_size)
-                ready = torch.cuda.Event()
-                ready.record()
-                out.append(dict(start=s, end=e, h=h, v_new=v_new, ready=ready))
+                h, v_new, state = _recurrence(k[:, sl], w[:, sl], u[:, sl], None if g is None else g[:, sl], final,
+                                              v_first, chunk_size)
+                out.append(dict(start=s, end=e, h=h, v_new=v_new, ready=_event(k.device)))
                 final = state
         final.record_stream(torch.cuda.current_stream(k.device))
         return dict(k=k, g=g, v_first=v_first, pieces=out), None, final, k_rstd
-    h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=initial_state,
-                                                   output_final_state=True, cu_seqlens=cu_seqlens,
-                                                   chunk_indices=chunk_indices, state_v_first=v_first,
-                                                   chunk_size=chunk_size)
+    if parts and cu_seqlens is None:
+        h, v_new, final = _recurrence(k, w, u, g, initial_state, v_first, chunk_size)
+    else:
+        h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=initial_state,
+                                                       output_final_state=True, cu_seqlens=cu_seqlens,
+                                                       chunk_indices=chunk_indices, state_v_first=v_first,
+                                                       chunk_size=chunk_size)
     score = row_norm(v_new)
     if parts:
         return dict(h=h, v_new=v_new, k=k, g=g, v_first=v_first), score, final, k_rstd

@@ -26,13 +26,24 @@ def kernels_enabled(t: torch.Tensor) -> bool:
     return mode == '1' and os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
-def prompt_pieces(T: int) -> int:
-    """How many pieces a fresh prompt of T tokens is run in (state path beside the memory's selection and state
-    output, see `_prefill_in_pieces`): one per HOLA_PIECE_TOKENS tokens (default 0: one piece). Pieces save device
-    time (H100, 32k tokens: 4 pieces, 2.5-3.5 ms of about 117) but add about 60 small launches a layer: worth it
-    under CUDA graphs or where the host launches fast, not in eager mode on a slow host (docs/notes.md, session 12)."""
-    size = int(os.environ.get('HOLA_PIECE_TOKENS', '0'))
-    return max(1, T // size) if size > 0 else 1
+AUTO_PIECES, MIN_PIECE = 4, 1024
+
+
+def prompt_pieces(T: int, device: torch.device) -> int:
+    """How many pieces a fresh prompt of T tokens is run in (the state path beside the memory's selection, state
+    output and read, see `_prefill_in_pieces`). HOLA_PIECES: a count (1: off), or 'auto' (default): AUTO_PIECES
+    pieces of at least MIN_PIECE tokens while a CUDA graph is being captured, else one. Pieces save device time
+    (H100, 32k tokens, M 512: 109.7 ms against the base's 100.4; 117.4-118.1 in one piece) but add about 30 launches
+    a layer, which cost more than that in eager mode on a host with slow launches (the lent hosts: 266 ms against
+    143), nothing in a graph (docs/notes.md, session 13)."""
+    mode = os.environ.get('HOLA_PIECES', 'auto')
+    if mode != 'auto':
+        if not mode.isdigit():
+            raise ValueError(f"HOLA_PIECES={mode!r}: expected 'auto' or a number of pieces (1: off)")
+        return max(1, int(mode))
+    if device.type != 'cuda' or not torch.cuda.is_current_stream_capturing():
+        return 1
+    return max(1, min(AUTO_PIECES, T // MIN_PIECE))
 
 
 def packed_weight(params: dict) -> torch.Tensor:
@@ -92,7 +103,7 @@ _SIDE: dict = {}
 
 @contextlib.contextmanager
 def side_stream(device: torch.device, name: str, priority: int = 0, uses=(), fork: bool = False):
-    """Work queued inside goes to this module's CUDA stream `name` (made with this priority: 0 the default's, -1, -2
+    """Work queued inside goes to this module's CUDA stream `name` (made with this priority: 0 the default's, -1 to -3
     higher), which waits only on the events it is told to (`_wait`), or (fork) first on everything queued so far;
     the current stream waits for all of it at the end. `uses`: tensors of other streams that the work reads or writes
     (the allocator then keeps their memory until it is done). Off CUDA: inline."""
@@ -118,6 +129,15 @@ def _wait(event) -> None:
         torch.cuda.current_stream().wait_event(event)
 
 
+def _event(device: torch.device):
+    """An event recorded on the current stream now (None off CUDA)."""
+    if device.type != 'cuda':
+        return None
+    e = torch.cuda.Event()
+    e.record()
+    return e
+
+
 def _prefill_in_pieces(mem, n, q, k, v, params, cfg, scale, out, k_rstd, state):
     """A fresh prompt whose state path ran in pieces: `state` holds the unit-L2 keys 'k' [L, H, K], the gate cumsum 'g'
     and 'v_first' for the whole prompt, and 'pieces', each {'start', 'end' (token rows, start a multiple of C), 'h'
@@ -125,9 +145,11 @@ def _prefill_in_pieces(mem, n, q, k, v, params, cfg, scale, out, k_rstd, state):
     path is queued, or None)}. As each piece's state path finishes, three streams take it beside the state path of
     the pieces after it (fla's recurrence fills a fraction of the GPU): one computes its state output, one its write
     scores and their sort, one the caches of its blocks (from the top-M of everything before it and its own tokens).
-    Then one read launch over the whole prompt combines in place, and the memory state is stored."""
+    The read combines in place, piece by piece: the earlier pieces' on a fourth stream, each as soon as its caches and
+    state output are ready (beside the recurrence of the pieces after it), the last one's once everything is. Then
+    the memory state is stored."""
     from .read import prefill_read, state_output
-    from .select import sort_new
+    from .select import sort_piece
     from .write import row_norm, store_state
     C, M = cfg.block_size, cfg.cache_size
     L, HV, V = v.shape
@@ -136,40 +158,53 @@ def _prefill_in_pieces(mem, n, q, k, v, params, cfg, scale, out, k_rstd, state):
     k_old, v_old = mem['cache_k'].new_empty(HV, 0, k.shape[-1]), mem['cache_v'].new_empty(HV, 0, V)
     g, pieces = state['g'], state['pieces']
     tensors = (q, state['k'], g, out, *(p[x] for p in pieces for x in ('h', 'v_new')))
-    # the state outputs at the default priority, below the other two: the GPU's scheduler serves their small kernels
-    # first (in a CUDA graph trace the caches' chain otherwise waited ~140 us per piece behind the state programs)
-    with side_stream(dev, 'state', 0, uses=tensors):
+    # priorities: fla's recurrence (-3, see adapters/state) over the caches' chain (-2) over the state outputs (-1)
+    # over the reads (0): a launch of many programs takes every free slot of the GPU, and small kernels queued behind
+    # it wait (CUDA graph traces, docs/notes.md sessions 12-13)
+    state_done = []
+    with side_stream(dev, 'state', -1, uses=tensors):
         for piece in pieces:
             s, e = piece['start'], piece['end']
             _wait(piece['ready'])
             state_output(q[s:e], dict(h=piece['h'], v_new=piece['v_new'], k=state['k'][s:e], v_first=state['v_first'],
                                       g=None if g is None else g[s:e]), out[s:e], scale, C)
+            state_done.append(_event(dev))
     sorted_ = []
-    with side_stream(dev, 'sort', -1, uses=tensors):  # the scores and their sort: independent piece to piece
+    with side_stream(dev, 'sort', -2, uses=tensors):  # the scores and their sort: independent piece to piece
         for i, piece in enumerate(pieces):
             s, e = piece['start'], piece['end']
             _wait(piece['ready'])
             if i == 0:  # allocated once the stream waits on the current one (under CUDA graph capture: joined it)
                 score = torch.empty(L, HV, dtype=torch.float32, device=dev)
             row_norm(piece['v_new'], out=score[s:e])
-            new = sort_new(score, s, e) if cfg.eviction == 'surprise' else None
-            done = torch.cuda.Event() if dev.type == 'cuda' else None
-            if done is not None:
-                done.record()
-            sorted_.append((new, done))
+            new = sort_piece(score, s, e) if cfg.eviction == 'surprise' else None
+            sorted_.append((new, _event(dev)))
     # the caches, a chain (each piece's candidates include the cache the piece before chose)
-    with side_stream(dev, 'select', -1, uses=(score, *(t for new, _ in sorted_ if new for t in new))):
+    select_done = []
+    with side_stream(dev, 'select', -2, uses=(score, *(new for new, _ in sorted_))):
         for i, (piece, (new, done)) in enumerate(zip(pieces, sorted_)):
             _wait(done)
             if i == 0:
                 idx = torch.empty(HV, b1 + 1, M, dtype=torch.int32, device=dev)
                 cnt = torch.empty(HV, b1 + 1, dtype=torch.int32, device=dev)
             select_piece(score, piece['start'], piece['end'], C, idx, cnt, cfg.eviction, new_sorted=new)
-    if v.device.type == 'cuda':  # made on another stream, read on this one
+            select_done.append(_event(dev))
+    weight = packed_weight(params)
+
+    def read(j0, j1):
+        prefill_read(q, k_old, v_old, k, v, idx, cnt, 0, out, weight, scale, cfg.read_rule == 'shared', C,
+                     cfg.read_block, cfg.norm_eps, out, r_new=k_rstd, blocks=(j0, j1))
+
+    if v.device.type == 'cuda':  # made on other streams, read on this one
         for t in (score, idx, cnt):
             t.record_stream(torch.cuda.current_stream(v.device))
-    prefill_read(q, k_old, v_old, k, v, idx, cnt, 0, out, packed_weight(params), scale, cfg.read_rule == 'shared', C,
-                 cfg.read_block, cfg.norm_eps, out, r_new=k_rstd)
+    read(pieces[-1]['start'] // C, -(-L // C))  # the last piece, queued first: it does not wait for the others' reads
+    if len(pieces) > 1:  # (a stream with no work would not join a CUDA graph capture)
+        with side_stream(dev, 'read', 0, uses=(*tensors, k, v, k_rstd, weight, score, idx, cnt)):
+            for i, piece in enumerate(pieces[:-1]):  # each piece's read once its caches and state output are done
+                _wait(state_done[i])
+                _wait(select_done[i])
+                read(piece['start'] // C, piece['end'] // C)
     store_state(mem, n, idx[:, b1] if b1 > 0 else None, k_old, v_old, score.t(), mem['cache_pos'][n], k, v, score, 0)
     return out
 

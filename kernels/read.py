@@ -176,16 +176,16 @@ LOG2E = tl.constexpr(1.4426950408889634)
            reset_to_zero=['READY'])
 @triton.jit
 def _prefill_read_kernel(Q, KO, VO, KN, VN, RO, RN, IDX, CNT, OST, OUT, W, FLAG, READY, KL, VS, HS, GS, NO, NBS, M, L,
-                         b0, seen0, CB0, C, sw, NB_KEY, HV, NB, LEAD, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sr_t, skl_t,
-                         skl_h, svs_t, svs_h, sh_c, sh_h, sg_t, eps_l2, eps, scale,
+                         b0, seen0, CB0, J0, C, sw, NB_KEY, HV, NB, LEAD, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sr_t,
+                         skl_t, skl_h, svs_t, svs_h, sh_c, sh_h, sg_t, eps_l2, eps, scale,
                          G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                          BN: tl.constexpr, BV: tl.constexpr, SHARED: tl.constexpr, READ_BLOCK: tl.constexpr,
                          PREC: tl.constexpr, LOWP: tl.constexpr, HAS_OLD: tl.constexpr, ONLINE: tl.constexpr,
                          STATE: tl.constexpr, V_FIRST: tl.constexpr, USE_G: tl.constexpr, BKS: tl.constexpr):
-    """Tile (iv, j, h): the rows of query block j, value head h, value columns iv * BV ... (the tiles of one block and
-    head run side by side and share its key rows in L2). A launch with ONLINE=False uses a fixed softmax max where
-    that is safe and flags the blocks where it is not (FLAG [NB, HV]); a second launch with ONLINE=True reads those
-    blocks alone, with the online max, in place on OUT.
+    """Tile (iv, j, h): the rows of query block j (J0 + the grid's second index), value head h, value columns
+    iv * BV ... (the tiles of one block and head run side by side and share its key rows in L2). A launch with
+    ONLINE=False uses a fixed softmax max where that is safe and flags the blocks where it is not (FLAG [NB, HV]); a
+    second launch with ONLINE=True reads those blocks alone, with the online max, in place on OUT.
 
     STATE: the state output is computed in the same launch, by programs of their own (`_state_tile`, into OUT):
     their loads stream while the read programs wait on gathers. A program takes a ticket (READY[0]) and the ticket
@@ -204,7 +204,7 @@ def _prefill_read_kernel(Q, KO, VO, KN, VN, RO, RN, IDX, CNT, OST, OUT, W, FLAG,
         w = tl.where(t < LEAD, t, tl.where(u < tail, tl.where(u % 2 == 1, LEAD + u // 2, u // 2), t - NB * HV * NV))
         iv, j, h = w % NV, (w // NV) % NB, w // (NV * NB)
     else:
-        iv, j, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        iv, j, h = tl.program_id(0), J0 + tl.program_id(1), tl.program_id(2)
         w = 0
     go = is_state == False  # noqa: E712 (a tensor when STATE)
     if ONLINE:
@@ -360,7 +360,8 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
                  idx: torch.Tensor, cnt: torch.Tensor, seen0: int, o_state: torch.Tensor | None, weight: torch.Tensor,
                  scale: float, shared: bool, block_size: int, read_block: bool = True, eps: float = 1e-6,
                  out: torch.Tensor | None = None, cb0: int | None = None, r_new: torch.Tensor | None = None,
-                 config: dict | None = None, state: dict | None = None) -> torch.Tensor:
+                 config: dict | None = None, state: dict | None = None,
+                 blocks: tuple[int, int] | None = None) -> torch.Tensor:
     """The read of L new tokens at positions seen0 .. seen0 + L - 1 of one sequence, block by block.
 
     Raw queries q [L, H, K] and new keys k_new [L, H, K] (before the L2 norm; value head h reads q/k head
@@ -377,12 +378,17 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
     o_state (then None): {'h': the state at the start of each chunk, [NC, HV, V, K] ('v_first') or [NC, HV, K, V],
     'v_new': [L, HV, V] fla's corrected values, 'k': [L, H, K] the unit-L2 keys, 'g': [L, HV] the chunk-local
     cumulative log2 decay or None (DeltaNet), 'v_first': bool}. The chunks are the query blocks: seen0 % C == 0
-    and the state path's chunk size is C."""
+    and the state path's chunk size is C.
+
+    `blocks` (j0, j1): read query blocks j0 .. j1 - 1 alone (rows of idx, as above; o_state path only): a prompt read in
+    parts, each as soon as its caches and state output are ready."""
     L, H, K = q.shape
     HV, NO = k_old.shape[0], k_old.shape[1]
     V = v_new.shape[-1]
     C, M = block_size, idx.shape[2]
     NB = (seen0 + L - 1) // C - seen0 // C + 1  # query blocks
+    j0, j1 = (0, NB) if blocks is None else blocks
+    assert 0 <= j0 < j1 <= NB and (blocks is None or state is None)
     r_new = rstd(k_new) if r_new is None else r_new
     r_old = rstd(k_old) if NO else r_new  # never read without earlier candidates
     assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == weight.stride(-1) == r_new.stride(-1) == 1
@@ -405,8 +411,10 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
     # for the blocks the first flags (the second launch's programs exit at once when none is flagged)
     flag = torch.empty(NB, HV, dtype=torch.int8, device=q.device)
     # STATE: READY[0] the ticket counter, READY[1 + tile] set once the tile's state output is in `out`
-    ready = torch.zeros(1 + (NB * HV * triton.cdiv(V, 16) if state is not None else 0), dtype=torch.int32,
-                        device=q.device)
+    ready = (torch.zeros(1 + NB * HV * triton.cdiv(V, 16), dtype=torch.int32, device=q.device) if state is not None
+             else torch.empty(1, dtype=torch.int32, device=q.device))  # not read
+    if TUNE and config is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
+        config = untuned  # the autotuner cannot time its candidates inside a CUDA graph capture
     for online in (False, True):
         kernel, extra = _prefill_read_kernel, ({} if TUNE else untuned)
         if config is not None or online:  # explicit tiles; the online launch (rarely any work) is not tuned
@@ -416,11 +424,11 @@ def prefill_read(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_ne
         if with_state:
             grid = lambda meta: (2 * triton.cdiv(V, meta['BV']) * NB * HV,)  # noqa: E731
         else:
-            grid = lambda meta: (triton.cdiv(V, meta['BV']), NB, HV)  # noqa: E731
+            grid = lambda meta: (triton.cdiv(V, meta['BV']), j1 - j0, HV)  # noqa: E731
         kernel[grid](q, k_old, v_old, k_new, v_new, r_old, r_new, idx, cnt, o_state, out, weight, flag, ready,
                      st['KL'], st['VS'], st['HS'], st['GS'], NO, idx.shape[1], M, L, seen0 // C, seen0,
-                     NO if cb0 is None else cb0, C, weight.stride(0),
-                     min(triton.next_power_of_2(NB), 1024),  # autotune key, with M: prompt length bucket
+                     NO if cb0 is None else cb0, j0, C, weight.stride(0),
+                     min(triton.next_power_of_2(j1 - j0), 1024),  # autotune key, with M: prompt length bucket
                      HV, NB, 2 * _sm_count(q.device),
                      q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
                      r_new.stride(0), *st_strides, 1e-6, eps, scale, G=HV // H, K=K, V=V, BQ=BQ, BK=BK,

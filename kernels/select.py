@@ -121,69 +121,91 @@ def _count_before(KEYS, base, s, lo, hi, STRICT: tl.constexpr, NIT: tl.constexpr
     return lo
 
 
+SORT_CHUNK = 1024  # tokens a program of `sort_piece` sorts (tests set it smaller)
+
+
 @triton.jit
-def _merge_kernel(CAR, CCNT, SC, NV, NI, OUT, s_car, s_cnt, s_sc, s_n, start, L, M, BT: tl.constexpr,
-                  NIT_L: tl.constexpr, NIT_M: tl.constexpr):
-    """Program (t, h): elements [t BT, t BT + BT) of [carried (M), new (L)] of value head h, written to their rank
-    in priority order (score desc, position asc) in OUT [HV, M + L] as positions (-1 for empty carried slots, last).
-    CAR [HV, M] (head stride s_car): the carried positions in priority order, CCNT[h * s_cnt] of them valid;
-    SC: scores (position p, head h at SC[p * s_sc + h]); NV, NI [HV, L] (head stride s_n): the new tokens' scores
-    sorted descending, stably, and their indices (position start + index). Every carried token precedes every new
-    one, so a carried token comes after the new ones of greater score, a new one after the carried of equal or
-    greater score."""
+def _chunk_sort_kernel(SC, KS, s_sc, s_ks, start, L, SCH: tl.constexpr):
+    """Program (c, h): the write scores of tokens start + c SCH ... (SCH of them; fewer in the last chunk) of value
+    head h as keys, sorted descending into KS[h * s_ks + c SCH ...]. Key: score bits * 2^32 + 2^32 - 1 - index. Scores
+    are norms (>= 0), so their float32 bits are ordered as they are, and of two equal scores the earlier token comes
+    first; -1 (below every key) past the piece's end."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    i = c * SCH + tl.arange(0, SCH)
+    m = i < L
+    bits = tl.load(SC + (start + i) * s_sc + h, mask=m, other=0.).to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(m, bits * 4294967296 + (4294967295 - i.to(tl.int64)), -1)
+    tl.store(KS + h * s_ks + c * SCH + tl.arange(0, SCH), tl.sort(key, descending=True))
+
+
+def sort_piece(score: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The write scores of tokens [start, end) (score [L, HV] float32) as `_chunk_sort_kernel`'s keys, sorted in
+    chunks of SORT_CHUNK tokens: [HV, NCH * SORT_CHUNK], NCH a power of two (`select_piece`'s `new_sorted`,
+    independent of the pieces before)."""
+    HV = score.shape[1]
+    n = max(1, triton.next_power_of_2(triton.cdiv(end - start, SORT_CHUNK)))
+    keys = torch.empty(HV, n * SORT_CHUNK, dtype=torch.int64, device=score.device)
+    _chunk_sort_kernel[(n, HV)](score, keys, score.stride(0), keys.stride(0), start, end - start, SCH=SORT_CHUNK)
+    return keys
+
+
+@triton.jit
+def _rank_kernel(CAR, CCNT, SC, KS, OUT, s_car, s_cnt, s_sc, s_ks, start, L, M, BT: tl.constexpr,
+                 SCH: tl.constexpr, NCH: tl.constexpr, NIT_C: tl.constexpr, NIT_M: tl.constexpr):
+    """Program (t, h): entries [t BT, t BT + BT) of [carried (M), the new tokens' keys (NCH sorted chunks of SCH,
+    `_chunk_sort_kernel`)] of value head h, each written to its rank in priority order (score desc, position asc)
+    in OUT [HV, M + L] as its position (-1 for empty carried slots, last). CAR [HV, M] (head stride s_car): the
+    carried positions in priority order, CCNT[h * s_cnt] of them valid; SC: scores (position p, head h at
+    SC[p * s_sc + h]). A new token's rank: the new keys above its own (a binary search in every chunk) plus the
+    carried scores at least its own (every carried token precedes every new one); a carried token's: its own index
+    plus the new scores above its own."""
     t, h = tl.program_id(0), tl.program_id(1)
     e = t * BT + tl.arange(0, BT)
-    nc = tl.load(CCNT + h * s_cnt)
-    car = e < M
-    valid = car & (e < nc)
-    new = (e >= M) & (e < M + L)
-    j = tl.where(new, e - M, 0)
+    nc = tl.load(CCNT + h * s_cnt, mask=M > 0, other=0)
+    valid = (e < M) & (e < nc)
+    slot = e - M
+    new_slot = (e >= M) & (slot < NCH * SCH)
+    key = tl.load(KS + h * s_ks + tl.where(new_slot, slot, 0), mask=new_slot, other=-1)
+    new = key >= 0
     cp = tl.load(CAR + h * s_car + tl.where(valid, e, 0), mask=valid, other=0)
-    s = tl.where(valid, tl.load(SC + cp * s_sc + h, mask=valid, other=0.),
-                 tl.load(NV + h * s_n + j, mask=new, other=0.))
-    zero = tl.zeros([BT], dtype=tl.int32)
-    # carried k: the new scores greater than its own; new j: the carried scores at least its own
-    n_new = _count_before(NV, h * s_n, s, zero, zero + L, True, NIT_L, False, SC, s_sc)
-    n_car = _count_before(CAR, h * s_car, s, zero, zero + nc, False, NIT_M, True, SC + h, s_sc)
-    rank = tl.where(valid, e + n_new, tl.where(new, j + n_car, nc + L + e - nc))
-    pos = tl.where(valid, cp, tl.where(new, start + tl.load(NI + h * s_n + j, mask=new, other=0), -1))
-    tl.store(OUT + h * (M + L) + rank, pos.to(tl.int32), mask=e < M + L)
-
-
-def sort_new(score: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scores of tokens [start, end) (score [L, HV]) sorted descending, stably, and their indices: [HV, end - start]
-    each (`select_piece`'s `new_sorted`, independent of the pieces before)."""
-    return torch.sort(score[start:end].t().contiguous(), dim=-1, descending=True, stable=True)
+    bits = tl.load(SC + cp * s_sc + h, mask=valid, other=0.).to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(valid, bits * 4294967296 + 4294967295, key)  # a carried score: above it, new scores greater
+    zero = tl.zeros([BT, NCH], dtype=tl.int32)
+    base = h * s_ks + tl.arange(0, NCH)[None, :] * SCH
+    n_new = tl.sum(_count_before(KS, base, key[:, None], zero, zero + SCH, True, NIT_C, False, SC, 0), 1)
+    score = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    zero1 = tl.zeros([BT], dtype=tl.int32)
+    n_car = _count_before(CAR, h * s_car, score, zero1, zero1 + nc, False, NIT_M, True, SC + h, s_sc)
+    rank = tl.where(valid, e + n_new, tl.where(new, n_new + n_car, L + e))
+    pos = tl.where(valid, cp, tl.where(new, (4294967295 - (key & 4294967295)) + start, -1))
+    tl.store(OUT + h * (M + L) + rank, pos.to(tl.int32), mask=valid | new | ((e >= nc) & (e < M)))
 
 
 def select_piece(score: torch.Tensor, start: int, end: int, C: int, idx: torch.Tensor, cnt: torch.Tensor,
-                 eviction: str = 'surprise', new_sorted: tuple | None = None) -> None:
+                 eviction: str = 'surprise', new_sorted: torch.Tensor | None = None) -> None:
     """The caches of a fresh prompt's blocks start // C .. end // C (start a multiple of C), chosen among its tokens
     [0, end), into those rows of idx [HV, NB, M] (token indices, -1 empty) and cnt [HV, NB], as `select_caches` with
     pos=None lays them out. score [L, HV]: the prompt's write scores (rows < end are read). The tokens before start
     enter through idx's row of block start // C, their top-M from the call for the piece before: top-M(A + B) =
     top-M(top-M(A) + B), so a prompt can be selected piece by piece, each piece as soon as its scores exist.
-    new_sorted: `sort_new(score, start, end)` if already computed (surprise eviction)."""
+    new_sorted: `sort_piece(score, start, end)` if already computed (surprise eviction)."""
     HV, NB, M = idx.shape
     b0, n = start // C, end // C - start // C + 1
     if M == 0:
         cnt[:, b0:b0 + n] = 0
         return
-    if eviction == 'surprise':
-        vals, order = new_sorted if new_sorted is not None else sort_new(score, start, end)
-    if start == 0:  # candidate i is token i: the priority order lists positions
-        order = order if eviction == 'surprise' else priority_order(score[:end].t(), None, eviction)
-        _walk(order, order, idx[:, b0:], cnt[:, b0:], b0, n, M, C)
-        return
+    L, MC = end - start, (M if start else 0)  # carried candidates: none for the first piece
     # the candidates, in priority order, as positions: the carried top-M merged with the new tokens
-    L = end - start
     if eviction == 'surprise':
-        merged = torch.empty(HV, M + L, dtype=torch.int32, device=idx.device)
+        keys = new_sorted if new_sorted is not None else sort_piece(score, start, end)
+        merged = torch.empty(HV, MC + L, dtype=torch.int32, device=idx.device)
         BT = 128
-        _merge_kernel[(triton.cdiv(M + L, BT), HV)](
-            idx[:, b0], cnt[:, b0], score, vals, order, merged, idx.stride(0), cnt.stride(0), score.stride(0),
-            vals.stride(0), start, L, M, BT=BT, NIT_L=L.bit_length() + 1, NIT_M=M.bit_length() + 1)
+        _rank_kernel[(triton.cdiv(MC + keys.shape[1], BT), HV)](
+            idx[:, b0], cnt[:, b0], score, keys, merged, idx.stride(0), cnt.stride(0), score.stride(0),
+            keys.stride(0), start, L, MC, BT=BT, SCH=SORT_CHUNK, NCH=keys.shape[1] // SORT_CHUNK,
+            NIT_C=SORT_CHUNK.bit_length(), NIT_M=M.bit_length() + 1)
     else:  # recency: the new tokens latest first, then the carried ones (latest first, empty slots last)
-        merged = torch.cat([torch.arange(end - 1, start - 1, -1, device=idx.device, dtype=torch.int32).expand(HV, -1),
-                            idx[:, b0]], 1)
+        merged = torch.arange(end - 1, start - 1, -1, device=idx.device, dtype=torch.int32).expand(HV, -1)
+        if start:
+            merged = torch.cat([merged, idx[:, b0]], 1)
     _walk(merged, merged, idx[:, b0:], cnt[:, b0:], b0, n, M, C)

@@ -46,8 +46,9 @@ def main():
     for has_pos in (False, True):
         compile_kernel(select._select_kernel, dict(ORD='*i64', POS='*i64', OUT='*i32', CNT='*i32'),
                        dict(HAS_POS=has_pos, BT=2048, BM=128))
-    compile_kernel(select._merge_kernel, dict(CAR='*i32', CCNT='*i32', SC='*fp32', NV='*fp32', NI='*i64', OUT='*i32'),
-                   dict(BT=128, NIT_L=15, NIT_M=11))
+    compile_kernel(select._chunk_sort_kernel, dict(SC='*fp32', KS='*i64'), dict(SCH=1024))
+    compile_kernel(select._rank_kernel, dict(CAR='*i32', CCNT='*i32', SC='*fp32', KS='*i64', OUT='*i32'),
+                   dict(BT=128, SCH=1024, NCH=8, NIT_C=11, NIT_M=11))
     for reset in (False, True):
         compile_kernel(write._store_kernel,
                        dict(IDX='*i32', KO=bf, VO=bf, SO='*fp32', PO='*i64', KN=bf, VN=bf, SN='*fp32', CK=bf, CV=bf,

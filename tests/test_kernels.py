@@ -58,11 +58,14 @@ def test_select_equals_brute_force(monkeypatch, eviction, M, C, N, tile):
 @pytest.mark.parametrize('eviction', ['surprise', 'recency'])
 @pytest.mark.parametrize('M,C,L,cuts', [(4, 3, 40, (9, 21)), (16, 4, 70, (8, 12, 40)), (7, 5, 61, (30,)),
                                         (20, 8, 200, (64, 128)), (5, 16, 48, (16, 32))])
-def test_select_by_pieces_equals_whole(monkeypatch, eviction, M, C, L, cuts):
-    """A prompt selected piece by piece (each piece's candidates: the cache of its first block and its own tokens)
-    against the selection over the whole prompt at once; scores with ties; small walk tiles."""
+@pytest.mark.parametrize('sort_chunk', [8, 64])
+def test_select_by_pieces_equals_whole(monkeypatch, eviction, M, C, L, cuts, sort_chunk):
+    """A prompt selected piece by piece (each piece's candidates: the cache of its first block and its own tokens,
+    sorted in chunks of `sort_chunk`, `select.sort_piece`) against the selection over the whole prompt at once;
+    scores with ties; small walk tiles."""
     from hola_retrofit.kernels.select import select_piece
     monkeypatch.setattr(select, 'TILE', 16)
+    monkeypatch.setattr(select, 'SORT_CHUNK', sort_chunk)
     g = torch.Generator().manual_seed(M + L)
     HV = 3
     score = torch.randint(0, 6, (L, HV), generator=g).float().to(DEV)
@@ -212,14 +215,29 @@ def test_prefill_kernel_state_output(HV, H, K, V, M, C, L, gated_state, rule, sh
     assert rel(out, ref) < 1e-4
 
 
+def test_prompt_pieces(monkeypatch):
+    """HOLA_PIECES: by default one piece outside a CUDA graph capture (here: no capture on the CPU); a count forces
+    pieces; anything else is a clear error."""
+    from hola_retrofit.kernels.memory import prompt_pieces
+    cpu = torch.device('cpu')
+    monkeypatch.delenv('HOLA_PIECES', raising=False)
+    assert prompt_pieces(32768, cpu) == 1
+    monkeypatch.setenv('HOLA_PIECES', '3')
+    assert prompt_pieces(32768, cpu) == 3
+    monkeypatch.setenv('HOLA_PIECES', 'four')
+    with pytest.raises(ValueError, match='HOLA_PIECES'):
+        prompt_pieces(32768, cpu)
+
+
 @pytest.mark.parametrize('gated_state', [True, False])
 @pytest.mark.parametrize('HV,H,K,V,M,C,L,cuts', [(2, 2, 16, 16, 8, 16, 70, (16, 48)), (4, 2, 16, 32, 12, 32, 96, (64,)),
                                                  (1, 1, 32, 48, 5, 16, 33, (16,)), (2, 1, 8, 12, 0, 16, 40, (32,))])
 @torch.no_grad()
-def test_prefill_in_pieces(HV, H, K, V, M, C, L, cuts, gated_state):
+def test_prefill_in_pieces(monkeypatch, HV, H, K, V, M, C, L, cuts, gated_state):
     """A fresh prompt whose state path ran in pieces (`kernels.memory._prefill_in_pieces`: per piece the write
-    score, the selection and the state output, then one read) against the reference memory on the float32
-    recurrence, output and memory state."""
+    score, the selection, the state output and the read) against the reference memory on the float32 recurrence,
+    output and memory state."""
+    monkeypatch.setattr(select, 'SORT_CHUNK', 16)  # pieces of up to 64 tokens: several chunks
     q, k, v, _, params, whole, o_state = _state_path_inputs(HV, H, K, V, M, C, L, gated_state)
     scale = K ** -0.5
     score = row_norm(whole['v_new'])  # the write score from the state path's v_new, as the pieces compute it
@@ -390,24 +408,44 @@ def test_model_state_output_in_read_kernel(monkeypatch, kind):
 @torch.no_grad()
 def test_model_prefill_in_pieces(monkeypatch, kind):
     """A fresh prompt whose state path runs in pieces (its recurrence on a high-priority stream, each piece's state
-    output, scores and caches on three more streams as the piece arrives) against the same prompt in one piece:
-    the same logits and memory state, three times (a race between the streams would show as a difference); and
-    against the PyTorch memory."""
+    output, scores and caches on three more streams as the piece arrives, the reads in parts on a fourth) against the
+    same prompt in one piece: the same logits and memory state, three times (a race between the streams would show
+    as a difference), and replayed from a CUDA graph (pieces by default there, one piece in eager mode); and against
+    the PyTorch memory."""
     import hola_retrofit.kernels.memory as memory
     calls, real = [], memory._prefill_in_pieces
     monkeypatch.setattr(memory, '_prefill_in_pieces', lambda *a: calls.append(1) or real(*a))
     model, ids, ref = _cuda_model_and_reference(monkeypatch, kind, layers=2, batch=1, T=700)
-    monkeypatch.setenv('HOLA_PIECE_TOKENS', '0')
+    monkeypatch.setenv('HOLA_PIECES', '1')
     out = model(ids, use_cache=True)
     whole, mem = out.logits, out.past_key_values[1]['hola_memory']
     assert rel(whole, ref) < 2e-3 and not calls
-    monkeypatch.setenv('HOLA_PIECE_TOKENS', '200')  # pieces [0, 192), [192, 448), [448, 700)
-    for _ in range(3):
-        out = model(ids, use_cache=True)
-        assert rel(out.logits, whole) < 1e-6
+
+    def same(out, why):
+        assert rel(out.logits, whole) < 1e-6, why
         for key, t in out.past_key_values[1]['hola_memory'].items():
-            assert torch.equal(t, mem[key]), key
+            assert torch.equal(t, mem[key]), (why, key)
+
+    monkeypatch.setenv('HOLA_PIECES', '3')  # pieces [0, 192), [192, 448), [448, 700)
+    for run in range(3):
+        same(model(ids, use_cache=True), run)
     assert len(calls) == 6  # 2 layers, 3 runs
+    # the default: one piece in eager mode, pieces inside a CUDA graph capture
+    monkeypatch.delenv('HOLA_PIECES')
+    monkeypatch.setattr(memory, 'MIN_PIECE', 128)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        same(model(ids, use_cache=True), 'eager')
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(calls) == 6
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model(ids, use_cache=True)
+    assert len(calls) == 8
+    graph.replay()
+    torch.cuda.synchronize()
+    same(out, 'graph')
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='a race between warps of compiled programs: CUDA')
