@@ -6,9 +6,10 @@
 Rows: prefill tokens/s and decode ms/token for the base model, the retrofit with the PyTorch memory
 (HOLA_KERNELS=0) and with the fused kernels, every figure also as a ratio to the base measured in the
 same run; on CUDA also the prefill and one decode step replayed as CUDA graphs (the device's time, free of
-host launch overhead); peak memory; a 24-layer SDPA causal attention stack (hidden 1024, 8 heads x 128) as the
-full-attention reference; then the read kernel's achieved bandwidth and FLOP/s against the device's
-measured copy bandwidth and bf16 matmul rate. Random weights (speed only). Prints the machine first.
+host launch overhead; a long fresh prompt runs in pieces there, `kernels.memory.prompt_pieces`); peak memory;
+a 24-layer SDPA causal attention stack (hidden 1024, 8 heads x 128) as the full-attention reference; then the
+read kernel's achieved bandwidth and FLOP/s against the device's measured copy bandwidth and bf16 matmul rate.
+Random weights (speed only). Prints the machine first.
 """
 
 from __future__ import annotations
