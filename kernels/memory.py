@@ -195,9 +195,9 @@ def _prefill_in_pieces(mem, n, q, k, v, params, cfg, scale, out, k_rstd, state):
         prefill_read(q, k_old, v_old, k, v, idx, cnt, 0, out, weight, scale, cfg.read_rule == 'shared', C,
                      cfg.read_block, cfg.norm_eps, out, r_new=k_rstd, blocks=(j0, j1))
 
-    if v.device.type == 'cuda':  # made on other streams, read on this one
+    if dev.type == 'cuda':  # made on other streams, read on this one
         for t in (score, idx, cnt):
-            t.record_stream(torch.cuda.current_stream(v.device))
+            t.record_stream(torch.cuda.current_stream(dev))
     read(pieces[-1]['start'] // C, -(-L // C))  # the last piece, queued first: it does not wait for the others' reads
     if len(pieces) > 1:  # (a stream with no work would not join a CUDA graph capture)
         with side_stream(dev, 'read', 0, uses=(*tensors, k, v, k_rstd, weight, score, idx, cnt)):

@@ -125,16 +125,21 @@ SORT_CHUNK = 1024  # tokens a program of `sort_piece` sorts (tests set it smalle
 
 
 @triton.jit
+def _key(score, index):
+    """A token's sort key: score bits * 2^32 + 2^32 - 1 - index. Scores are norms (>= 0), so their float32 bits are
+    ordered as they are, and of two equal scores the earlier token (smaller index) has the greater key."""
+    return score.to(tl.int32, bitcast=True).to(tl.int64) * 4294967296 + (4294967295 - index.to(tl.int64))
+
+
+@triton.jit
 def _chunk_sort_kernel(SC, KS, s_sc, s_ks, start, L, SCH: tl.constexpr):
     """Program (c, h): the write scores of tokens start + c SCH ... (SCH of them; fewer in the last chunk) of value
-    head h as keys, sorted descending into KS[h * s_ks + c SCH ...]. Key: score bits * 2^32 + 2^32 - 1 - index. Scores
-    are norms (>= 0), so their float32 bits are ordered as they are, and of two equal scores the earlier token comes
-    first; -1 (below every key) past the piece's end."""
+    head h as keys (`_key`, index within the piece), sorted descending into KS[h * s_ks + c SCH ...]; -1 (below every
+    key) past the piece's end."""
     c, h = tl.program_id(0), tl.program_id(1)
     i = c * SCH + tl.arange(0, SCH)
     m = i < L
-    bits = tl.load(SC + (start + i) * s_sc + h, mask=m, other=0.).to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(m, bits * 4294967296 + (4294967295 - i.to(tl.int64)), -1)
+    key = tl.where(m, _key(tl.load(SC + (start + i) * s_sc + h, mask=m, other=0.), i), -1)
     tl.store(KS + h * s_ks + c * SCH + tl.arange(0, SCH), tl.sort(key, descending=True))
 
 
@@ -168,8 +173,8 @@ def _rank_kernel(CAR, CCNT, SC, KS, OUT, s_car, s_cnt, s_sc, s_ks, start, L, M, 
     key = tl.load(KS + h * s_ks + tl.where(new_slot, slot, 0), mask=new_slot, other=-1)
     new = key >= 0
     cp = tl.load(CAR + h * s_car + tl.where(valid, e, 0), mask=valid, other=0)
-    bits = tl.load(SC + cp * s_sc + h, mask=valid, other=0.).to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(valid, bits * 4294967296 + 4294967295, key)  # a carried score: above it, new scores greater
+    # a carried score as the key of index 0: the new keys above it are the new scores greater than it
+    key = tl.where(valid, _key(tl.load(SC + cp * s_sc + h, mask=valid, other=0.), e * 0), key)
     zero = tl.zeros([BT, NCH], dtype=tl.int32)
     base = h * s_ks + tl.arange(0, NCH)[None, :] * SCH
     n_new = tl.sum(_count_before(KS, base, key[:, None], zero, zero + SCH, True, NIT_C, False, SC, 0), 1)
