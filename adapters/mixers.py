@@ -15,7 +15,8 @@ from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 from torch.nn import functional as F
 
-from ..kernels.memory import kernels_enabled, memory_decode_fused, memory_prefill_fused, prompt_pieces
+from ..kernels.memory import (decode_beside, kernels_enabled, memory_decode_fused, memory_prefill_fused,
+                              prompt_pieces)
 from .config import MemoryConfig
 from .fallbacks import expand_heads, l2_normalize, spans
 from .reference import empty_memory, memory_forward
@@ -96,6 +97,7 @@ class HolaMixin:
         x, indices, cu_seqlens = unpad_hidden_states(hidden_states=hidden_states, cu_seqlens=kwargs.get('cu_seqlens'),
                                                      attention_mask=attention_mask, q_len=q_len)
         q, k, v, beta, a, conv_state = self._inputs(x, last_state, use_cache, cu_seqlens)
+        g_raw = None  # the output gate's projection, where computed beside the decode step
         previous = last_state['recurrent_state'] if last_state is not None else None
         B, T, HV, V = v.shape
         seqs = spans(B, T, cu_seqlens)
@@ -114,8 +116,13 @@ class HolaMixin:
             N = len(seqs)
             step = dict(kind=self.kind, S=previous, beta=beta, a=a, A_log=getattr(self, 'A_log', None),
                         dt_bias=getattr(self, 'dt_bias', None), allow_neg_eigval=self.allow_neg_eigval)
+            # the output gate's projection does not depend on the step: under CUDA graphs it runs beside it
+            beside = (lambda: self.g_proj(x)) if self.use_gate and decode_beside(v.device) else None
             o = memory_decode_fused(mem, q.reshape(N, *q.shape[2:]), k.reshape(N, *k.shape[2:]), v.reshape(N, HV, V),
-                                    params, self.hola, scale, state=step).reshape(v.shape)
+                                    params, self.hola, scale, state=step, beside=beside)
+            if beside is not None:
+                o, g_raw = o
+            o = o.reshape(v.shape)
             recurrent = step['S']
         else:
             # a fresh prompt's blocks are the state path's chunks: the read kernel then computes the state output too
@@ -146,7 +153,7 @@ class HolaMixin:
             state[MEMORY_KEY] = mem
 
         if self.use_gate:
-            g = rearrange(self.g_proj(x), '... (h d) -> ... h d', d=self.head_v_dim)
+            g = rearrange(self.g_proj(x) if g_raw is None else g_raw, '... (h d) -> ... h d', d=self.head_v_dim)
             o = self.o_norm(o, g)
         else:
             o = self.o_norm(o)

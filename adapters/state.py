@@ -203,7 +203,7 @@ def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval
         from ..kernels.memory import _event, side_stream
         out, final = [], initial_state
         # highest priority: the recurrence takes the GPU's blocks first whenever the memory's streams also have work
-        with side_stream(k.device, 'recurrence', -3, uses=(k, w, u, g, initial_state), fork=True):
+        with side_stream(k.device, 'recurrence', -3, fork=True):
             for s, e in piece_bounds(k.shape[1], pieces, chunk_size):
                 sl = slice(s, e)
                 h, v_new, state = _recurrence(k[:, sl], w[:, sl], u[:, sl], None if g is None else g[:, sl], final,
@@ -211,7 +211,8 @@ def _chunk_cuda(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval
                 out.append(dict(start=s, end=e, h=h, v_new=v_new, ready=_event(k.device)))
                 final = state
         final.record_stream(torch.cuda.current_stream(k.device))
-        return dict(k=k, g=g, v_first=v_first, pieces=out), None, final, k_rstd
+        # w, u: read by the recurrence, held until the memory's streams have joined (kernels.memory.side_stream)
+        return dict(k=k, g=g, v_first=v_first, pieces=out, keep=(w, u)), None, final, k_rstd
     if parts and cu_seqlens is None:
         h, v_new, final = _recurrence(k, w, u, g, initial_state, v_first, chunk_size)
     else:

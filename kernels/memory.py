@@ -102,11 +102,14 @@ _SIDE: dict = {}
 
 
 @contextlib.contextmanager
-def side_stream(device: torch.device, name: str, priority: int = 0, uses=(), fork: bool = False):
+def side_stream(device: torch.device, name: str, priority: int = 0, fork: bool = False):
     """Work queued inside goes to this module's CUDA stream `name` (made with this priority: 0 the default's, -1 to -3
     higher), which waits only on the events it is told to (`_wait`), or (fork) first on everything queued so far;
-    the current stream waits for all of it at the end. `uses`: tensors of other streams that the work reads or writes
-    (the allocator then keeps their memory until it is done). Off CUDA: inline."""
+    the current stream waits for all of it at the end. Every tensor the work touches must stay referenced until the
+    current stream has waited for it (the callers hold them to the end of the prompt's pieces): freed earlier, its
+    memory could go to a tensor that another stream writes meanwhile. (Not `record_stream`: during a CUDA graph
+    capture that keeps the memory until the capture ends, every layer's, which at 128k tokens fills the GPU.)
+    Off CUDA: inline."""
     if device.type != 'cuda':
         yield
         return
@@ -114,9 +117,6 @@ def side_stream(device: torch.device, name: str, priority: int = 0, uses=(), for
     side = _SIDE.get((device, name))
     if side is None:
         side = _SIDE[device, name] = torch.cuda.Stream(device, priority=priority)
-    for t in uses:
-        if t is not None:
-            t.record_stream(side)
     if fork:
         side.wait_stream(cur)
     with torch.cuda.stream(side):
@@ -157,12 +157,11 @@ def _prefill_in_pieces(mem, n, q, k, v, params, cfg, scale, out, k_rstd, state):
     b1 = L // C  # the block whose cache the memory state keeps
     k_old, v_old = mem['cache_k'].new_empty(HV, 0, k.shape[-1]), mem['cache_v'].new_empty(HV, 0, V)
     g, pieces = state['g'], state['pieces']
-    tensors = (q, state['k'], g, out, *(p[x] for p in pieces for x in ('h', 'v_new')))
     # priorities: fla's recurrence (-3, see adapters/state) over the caches' chain (-2) over the state outputs (-1)
     # over the reads (0): a launch of many programs takes every free slot of the GPU, and small kernels queued behind
     # it wait (CUDA graph traces, docs/notes.md sessions 12-13)
     state_done = []
-    with side_stream(dev, 'state', -1, uses=tensors):
+    with side_stream(dev, 'state', -1):
         for piece in pieces:
             s, e = piece['start'], piece['end']
             _wait(piece['ready'])
@@ -170,7 +169,7 @@ def _prefill_in_pieces(mem, n, q, k, v, params, cfg, scale, out, k_rstd, state):
                                       g=None if g is None else g[s:e]), out[s:e], scale, C)
             state_done.append(_event(dev))
     sorted_ = []
-    with side_stream(dev, 'sort', -2, uses=tensors):  # the scores and their sort: independent piece to piece
+    with side_stream(dev, 'sort', -2):  # the scores and their sort: independent piece to piece
         for i, piece in enumerate(pieces):
             s, e = piece['start'], piece['end']
             _wait(piece['ready'])
@@ -181,7 +180,7 @@ def _prefill_in_pieces(mem, n, q, k, v, params, cfg, scale, out, k_rstd, state):
             sorted_.append((new, _event(dev)))
     # the caches, a chain (each piece's candidates include the cache the piece before chose)
     select_done = []
-    with side_stream(dev, 'select', -2, uses=(score, *(new for new, _ in sorted_))):
+    with side_stream(dev, 'select', -2):
         for i, (piece, (new, done)) in enumerate(zip(pieces, sorted_)):
             _wait(done)
             if i == 0:
@@ -200,7 +199,7 @@ def _prefill_in_pieces(mem, n, q, k, v, params, cfg, scale, out, k_rstd, state):
             t.record_stream(torch.cuda.current_stream(dev))
     read(pieces[-1]['start'] // C, -(-L // C))  # the last piece, queued first: it does not wait for the others' reads
     if len(pieces) > 1:  # (a stream with no work would not join a CUDA graph capture)
-        with side_stream(dev, 'read', 0, uses=(*tensors, k, v, k_rstd, weight, score, idx, cnt)):
+        with side_stream(dev, 'read', 0):
             for i, piece in enumerate(pieces[:-1]):  # each piece's read once its caches and state output are done
                 _wait(state_done[i])
                 _wait(select_done[i])
@@ -209,12 +208,45 @@ def _prefill_in_pieces(mem, n, q, k, v, params, cfg, scale, out, k_rstd, state):
     return out
 
 
+def decode_beside(device: torch.device) -> bool:
+    """Whether a decode step's launch runs on a stream of its own beside work of the layer that does not depend on it
+    (`memory_decode_fused(beside=)`: the output gate's projection). HOLA_BESIDE: '1', '0', or 'auto' (default): while
+    a CUDA graph is being captured (in eager mode a decode step is bound by the host's launches, which a second
+    stream does not shorten)."""
+    mode = os.environ.get('HOLA_BESIDE', 'auto')
+    if mode not in ('auto', '0', '1'):
+        raise ValueError(f"HOLA_BESIDE={mode!r}: expected 'auto', '0' or '1'")
+    if device.type != 'cuda':
+        return False
+    return mode == '1' or (mode == 'auto' and torch.cuda.is_current_stream_capturing())
+
+
 def memory_decode_fused(mem: dict, q, k, v, params: dict, cfg, scale: float, score=None, o_state=None,
-                        state: dict | None = None, out: torch.Tensor | None = None):
+                        state: dict | None = None, out: torch.Tensor | None = None, beside=None):
     """One token for every sequence, raw q, k [N, H, K], v [N, HV, V], in one kernel launch (write, read,
     combine, the score and the merge at block ends) and the position update. No host sync. Either `score`
     [N, HV] and `o_state` [N, HV, V] are given, or `state` (see read.decode_step): then the kernels also take the
-    recurrent step, S updated in place (state['S'] holds the new state) and o_state computed from it."""
+    recurrent step, S updated in place (state['S'] holds the new state) and o_state computed from it.
+    `beside`: a function whose work does not depend on this step's; on CUDA the launch then goes to a stream of
+    its own (high priority), beside(), queued meanwhile on the current stream, runs next to it, and the call
+    returns (out, beside()) once the current stream has waited for the launch."""
     from .read import decode_step
-    return decode_step(q, k, v, mem, packed_weight(params), cfg.norm_eps, scale, cfg.read_rule == 'shared',
-                       cfg.read_block, cfg.eviction, score=score, o_state=o_state, state=state, out=out)
+
+    def step():
+        return decode_step(q, k, v, mem, packed_weight(params), cfg.norm_eps, scale, cfg.read_rule == 'shared',
+                           cfg.read_block, cfg.eviction, score=score, o_state=o_state, state=state, out=out)
+
+    if beside is None:
+        return step()
+    if not v.is_cuda:
+        return step(), beside()
+    cur = torch.cuda.current_stream(v.device)
+    with side_stream(v.device, 'decode', -1, fork=True):
+        o = step()
+        with torch.cuda.stream(cur):
+            other = beside()
+    # made on the side stream (on a first step), then used and freed on this one
+    for t in (o, mem['ticket'], None if state is None else state['S']):
+        if t is not None:
+            t.record_stream(cur)
+    return o, other

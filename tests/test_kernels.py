@@ -229,6 +229,21 @@ def test_prompt_pieces(monkeypatch):
         prompt_pieces(32768, cpu)
 
 
+def test_decode_beside(monkeypatch):
+    """HOLA_BESIDE: off the GPU never (nothing to overlap); '1'/'0' force it on a CUDA device, 'auto' (default) only
+    inside a CUDA graph capture; anything else is a clear error. Off CUDA, `beside` is simply called after the step."""
+    from hola_retrofit.kernels.memory import decode_beside
+    monkeypatch.delenv('HOLA_BESIDE', raising=False)
+    assert not decode_beside(torch.device('cpu'))
+    if torch.cuda.is_available():
+        assert not decode_beside(torch.device('cuda'))
+        monkeypatch.setenv('HOLA_BESIDE', '1')
+        assert decode_beside(torch.device('cuda'))
+    monkeypatch.setenv('HOLA_BESIDE', 'yes')
+    with pytest.raises(ValueError, match='HOLA_BESIDE'):
+        decode_beside(torch.device('cpu'))
+
+
 @pytest.mark.parametrize('gated_state', [True, False])
 @pytest.mark.parametrize('HV,H,K,V,M,C,L,cuts', [(2, 2, 16, 16, 8, 16, 70, (16, 48)), (4, 2, 16, 32, 12, 32, 96, (64,)),
                                                  (1, 1, 32, 48, 5, 16, 33, (16,)), (2, 1, 8, 12, 0, 16, 40, (32,))])
@@ -482,3 +497,52 @@ def test_state_output_in_read_launch_at_scale():
         tile = lambda x: x.float().view(-1, C, HV, V).norm(dim=(1, 3))  # noqa: E731  [block, head]
         tiles = tile(got.float() - want.float()) / tile(want)
         assert rel(got, want) < 1e-2 and tiles.max().item() < 2e-2, (rel(got, want), tiles.max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA streams and graphs')
+@torch.no_grad()
+def test_model_decode_beside(monkeypatch):
+    """A decode step whose launch runs on a stream of its own beside the output gate's projection: the same logits
+    and memory state as on one stream, eagerly (forced, 18 steps across a block end) and replayed from a CUDA graph
+    (the default there)."""
+    import hola_retrofit.adapters.mixers as mixers
+    calls, real = [], mixers.decode_beside
+    monkeypatch.setattr(mixers, 'decode_beside', lambda d: calls.append(real(d)) or calls[-1])
+    model, ids, _ = _cuda_model_and_reference(monkeypatch, 'gdn', layers=2, batch=2, T=100)
+
+    def steps(n0, n1):
+        out = model(ids[:, :n0], use_cache=True)
+        cache, logits = out.past_key_values, []
+        for t in range(n0, n1):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+        return torch.cat(logits, 1), cache
+
+    def same(a, b, why):
+        assert torch.equal(a[0], b[0]), why
+        for key, t in a[1][1]['hola_memory'].items():
+            assert torch.equal(t, b[1][1]['hola_memory'][key]), (why, key)
+
+    monkeypatch.setenv('HOLA_BESIDE', '0')
+    one = steps(80, 98)  # block end at 127: 80 + 48
+    monkeypatch.setenv('HOLA_BESIDE', '1')
+    same(steps(80, 98), one, 'eager')
+    assert calls[-1] and not any(calls[:36])
+    # the default inside a graph: capture step 80 on a prompt of 80, replay it, compare with the eager step
+    monkeypatch.delenv('HOLA_BESIDE')
+    eager = steps(80, 81)
+    cache = model(ids[:, :80], use_cache=True).past_key_values
+    warm = model(ids[:, :80], use_cache=True).past_key_values
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model(ids[:, 80:81], past_key_values=warm, use_cache=True)
+    torch.cuda.current_stream().wait_stream(side)
+    n = len(calls)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model(ids[:, 80:81], past_key_values=cache, use_cache=True)
+    assert calls[n:] == [True, True]  # both layers
+    graph.replay()
+    torch.cuda.synchronize()
+    same((out.logits, cache), eager, 'graph')
