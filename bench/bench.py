@@ -24,7 +24,7 @@ import time
 import torch
 
 import hola_retrofit  # noqa: F401
-from hola_retrofit.adapters import MemoryConfig, retrofit_model
+from hola_retrofit import MemoryConfig, retrofit_model
 
 
 def sync():

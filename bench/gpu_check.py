@@ -23,7 +23,7 @@ import hola_retrofit  # noqa: F401
 from fla.layers.delta_net import DeltaNet
 from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.models.cache_utils import Cache
-from hola_retrofit.adapters import MemoryConfig, retrofit_model
+from hola_retrofit import MemoryConfig, retrofit_model
 from hola_retrofit.adapters.mixers import MEMORY_KEY, HolaDeltaNet, HolaGatedDeltaNet
 from hola_retrofit.adapters.modeling import tensor_nbytes
 

@@ -20,7 +20,7 @@ import torch
 import triton
 
 import hola_retrofit  # noqa: F401
-from hola_retrofit.adapters import MemoryConfig
+from hola_retrofit import MemoryConfig
 from hola_retrofit.adapters.fallbacks import l2_normalize
 from hola_retrofit.adapters.reference import empty_memory, memory_forward
 from hola_retrofit.kernels import read

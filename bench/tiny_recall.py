@@ -17,7 +17,7 @@ import torch
 
 import hola_retrofit  # noqa: F401
 from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
-from hola_retrofit.adapters import MemoryConfig, retrofit_model
+from hola_retrofit import MemoryConfig, retrofit_model
 
 N_KEYS = N_VALS = 256
 KEY0, VAL0, VOCAB = 4, 4 + N_KEYS, 4 + 2 * N_KEYS

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import hola_retrofit  # noqa: E402,F401
-from hola_retrofit.adapters import MemoryConfig, retrofit_model  # noqa: E402
+from hola_retrofit import MemoryConfig, retrofit_model  # noqa: E402
 from fla.models import DeltaNetConfig, DeltaNetForCausalLM, GatedDeltaNetConfig, GatedDeltaNetForCausalLM  # noqa: E402
 
 torch.set_num_threads(2)

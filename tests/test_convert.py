@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from hubcache import put_in_hf_cache
 from transformers import AutoModelForCausalLM
 
-from hola_retrofit.adapters import HolaCache
+from hola_retrofit import HolaCache
 from hola_retrofit.cli.main import main
 from hola_retrofit.retrofit.example import make_example_checkpoint
 

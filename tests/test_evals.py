@@ -8,7 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from hola_retrofit.cli.main import main
-from hola_retrofit.evals import compare, make_case, summary_table
+from hola_retrofit.evals.runner import compare, summary_table
+from hola_retrofit.evals.tasks import make_case
 from hola_retrofit.evals.runner import memory_off
 from hola_retrofit.retrofit.example import byte_tokenizer, make_example_checkpoint
 
@@ -82,7 +83,7 @@ def test_needle_depth_is_where_asked():
 
 
 def test_memory_off_context_restores_settings():
-    import hola_retrofit.adapters as A
+    import hola_retrofit as A
     from conftest import tiny_base
     model = A.retrofit_model(tiny_base('gdn'), A.MemoryConfig(cache_size=8, block_size=4))
     with memory_off(model):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import VOCAB, hola_from_base, tiny_base
 
-from hola_retrofit.adapters import MemoryConfig
+from hola_retrofit import MemoryConfig
 from hola_retrofit.adapters.fallbacks import expand_heads, gdn_beta, gdn_decay, l2_normalize
 from hola_retrofit.adapters.reference import delta_rule_with_score, empty_memory, memory_forward
 from hola_retrofit.kernels.memory import memory_decode_fused, memory_prefill_fused

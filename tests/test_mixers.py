@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 from conftest import VOCAB, hola_from_base, tiny_base
 
-from hola_retrofit.adapters import HolaCache, HolaGatedDeltaNet, MemoryConfig, attach_memory
+from hola_retrofit import HolaCache, MemoryConfig, attach_memory
+from hola_retrofit.adapters.mixers import HolaGatedDeltaNet
 from hola_retrofit.adapters.mixers import MEMORY_KEY
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hola_retrofit.adapters import MemoryConfig
+from hola_retrofit import MemoryConfig
 from hola_retrofit.adapters import fallbacks
 from hola_retrofit.adapters.reference import delta_rule_with_score, empty_memory, memory_forward
 

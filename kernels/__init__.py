@@ -1,1 +1,0 @@
-"""Triton kernels of the memory (fused reads) and the vectorised cache selection."""
