@@ -7,8 +7,8 @@ fla's short convolution, norms, gated MLP, fused cross-entropy and delta-rule ke
 Triton-only: on a CPU every forward fails ("0 active drivers"). `install()` wraps those entry
 points so that a call whose tensors are *not* on a CUDA device runs the plain PyTorch
 computation below; CUDA tensors go to fla's own code, unchanged. Importing `hola_retrofit`
-calls `install()` once. The delta-rule fallbacks use fla's own naive references
-(`fla/ops/*/naive.py`), so a base model on CPU is checked against fla's definition, not ours.
+calls `install()` once. The delta-rule fallbacks run the chunked float32 delta rule of
+`reference.py`, which the tests check against fla's own naive references (`fla/ops/*/naive.py`).
 """
 
 from __future__ import annotations
@@ -115,62 +115,46 @@ def short_conv(x, weight, bias=None, activation=None, cache=None, output_final_s
 
 # --------------------------------------------------------------------------- delta rules
 
-def _split(t, cu_seqlens):
-    """Per-sequence pieces of a packed input; an unpacked batch stays one piece (the references take batches)."""
-    if cu_seqlens is None:
-        return [t]
-    return [t[b:b + 1, s:e] for b, s, e in spans(t.shape[0], t.shape[1], cu_seqlens)]
+def _delta_rule_cpu(q, k, v, beta, log_alpha, scale, initial_state, output_final_state, cu_seqlens, state_v_first):
+    """Unit q, k [B, T, H, K] (grouped heads expanded here), v [B, T, HV, V], float beta / log_alpha [B, T, HV]:
+    every sequence through the chunked float32 delta rule of `reference.py` (tested against fla's naive ones)."""
+    from .reference import chunk_delta_rule_with_score
 
-
-def _initial(state, n, cu_seqlens):
-    """The initial state of piece n of `_split` (the whole batch when unpacked), float32."""
-    if state is None:
-        return None
-    return (state if cu_seqlens is None else state[n:n + 1]).float()
+    HV = v.shape[2]
+    q, k = expand_heads(q, HV), expand_heads(k, HV)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    o, finals = torch.empty_like(v), []
+    for n, (b, s, e) in enumerate(spans(v.shape[0], v.shape[1], cu_seqlens)):
+        h0 = None if initial_state is None else initial_state[n].float()
+        if h0 is not None and state_v_first:
+            h0 = h0.transpose(-1, -2)
+        on, _, ht = chunk_delta_rule_with_score(q[b, s:e], k[b, s:e], v[b, s:e], beta[b, s:e],
+                                                None if log_alpha is None else log_alpha[b, s:e], scale, h0)
+        o[b, s:e] = on.to(v.dtype)
+        finals.append(ht.transpose(-1, -2) if state_v_first else ht)
+    return o, (torch.stack(finals).contiguous() if output_final_state else None)
 
 
 def gated_delta_rule_cpu(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                          use_qk_l2norm_in_kernel=False, cu_seqlens=None, use_gate_in_kernel=False,
                          A_log=None, dt_bias=None, use_beta_sigmoid_in_kernel=False,
                          allow_neg_eigval=False, state_v_first=False, **_):
-    """fla's chunk/fused_recurrent_gated_delta_rule signature, computed with fla's naive reference."""
-    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
-
+    """fla's chunk/fused_recurrent_gated_delta_rule signature, in PyTorch on any device."""
     if use_qk_l2norm_in_kernel:
         q, k = l2_normalize(q), l2_normalize(k)
-    if use_beta_sigmoid_in_kernel:
-        beta = gdn_beta(beta, allow_neg_eigval)
-    if use_gate_in_kernel:
-        g = gdn_decay(g, A_log, dt_bias)
-    q, k = expand_heads(q, v.shape[2]), expand_heads(k, v.shape[2])
-    outs, finals = [], []
-    for n, (qs, ks, vs, gs, bs) in enumerate(zip(*[_split(t, cu_seqlens) for t in (q, k, v, g, beta)])):
-        h0 = _initial(initial_state, n, cu_seqlens)
-        if h0 is not None and state_v_first:
-            h0 = h0.transpose(-1, -2)
-        o, ht = naive_recurrent_gated_delta_rule(qs.float(), ks.float(), vs.float(), bs.float(), gs.float(),
-                                                 scale=scale, initial_state=h0, output_final_state=True)
-        outs.append(o.to(v.dtype))
-        finals.append(ht.transpose(-1, -2) if state_v_first else ht)
-    final = torch.cat(finals, 0).float().contiguous() if output_final_state else None
-    return torch.cat(outs, 1), final
+    beta = gdn_beta(beta, allow_neg_eigval) if use_beta_sigmoid_in_kernel else beta.float()
+    g = gdn_decay(g, A_log, dt_bias) if use_gate_in_kernel else g.float()
+    return _delta_rule_cpu(q.float(), k.float(), v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
+                           state_v_first)
 
 
 def delta_rule_cpu(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
                    cu_seqlens=None, use_qk_l2norm_in_kernel=False, **_):
-    """fla's chunk/fused_recurrent_delta_rule signature, computed with fla's naive reference."""
-    from fla.ops.delta_rule.naive import delta_rule_recurrence
-
+    """fla's chunk/fused_recurrent_delta_rule signature, in PyTorch on any device."""
     if use_qk_l2norm_in_kernel:
         q, k = l2_normalize(q), l2_normalize(k)
-    outs, finals = [], []
-    for n, (qs, ks, vs, bs) in enumerate(zip(*[_split(t, cu_seqlens) for t in (q, k, v, beta)])):
-        o, ht = delta_rule_recurrence(*(t.float().transpose(1, 2) for t in (qs, ks, vs, bs)),
-                                      initial_state=_initial(initial_state, n, cu_seqlens), output_final_state=True)
-        outs.append(o.transpose(1, 2).to(v.dtype))
-        finals.append(ht)
-    final = torch.cat(finals, 0).float().contiguous() if output_final_state else None
-    return torch.cat(outs, 1), final
+    return _delta_rule_cpu(q.float(), k.float(), v, beta.float(), None, scale, initial_state, output_final_state,
+                           cu_seqlens, False)
 
 
 # --------------------------------------------------------------------------- attention (hybrids)

@@ -172,3 +172,42 @@ def delta_rule_with_score(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bet
         o[t] = scale * torch.einsum('hkv,hk->hv', S, q[t])
         m[t] = u.norm(dim=-1)
     return o, m, S
+
+
+def chunk_delta_rule_with_score(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                                log_alpha: torch.Tensor | None, scale: float, state: torch.Tensor | None,
+                                chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`delta_rule_with_score` computed chunk by chunk (same arguments and results, float32): the CPU fast path.
+
+    Within a chunk with cumulative log-decays c_t and starting state S0, the corrections u_t = beta_t e_t solve
+    the unit lower-triangular system (I + A) U = beta V - diag(beta e^c) K S0, A_tj = beta_t e^(c_t - c_j) k_t.k_j
+    (j < t); then o_t = scale (e^(c_t) S0^T q_t + sum_{j<=t} e^(c_t - c_j) (q_t.k_j) u_j) and
+    S_end = e^(c_end) S0 + sum_j e^(c_end - c_j) k_j u_j^T. One Python step per chunk instead of per token."""
+    T, HV, K = k.shape
+    V = v.shape[-1]
+    S = torch.zeros(HV, K, V, dtype=torch.float32, device=v.device) if state is None else state.float().clone()
+    pad = -T % chunk
+    q, k, v, beta = (torch.nn.functional.pad(t.float().transpose(0, 1), (0, 0, 0, pad) if t.dim() == 3 else (0, pad))
+                     for t in (q, k, v, beta))                                  # [HV, T', D] / [HV, T']
+    g = (torch.zeros_like(beta) if log_alpha is None
+         else torch.nn.functional.pad(log_alpha.float().transpose(0, 1), (0, pad)))
+    n = q.shape[1] // chunk
+    q, k, v = (t.reshape(HV, n, chunk, -1) for t in (q, k, v))
+    beta, c = beta.reshape(HV, n, chunk), g.reshape(HV, n, chunk).cumsum(-1)
+    decay = (c[..., :, None] - c[..., None, :]).tril().exp().tril()          # e^(c_t - c_j), j <= t
+    strict = torch.ones(chunk, chunk, dtype=torch.bool, device=v.device).tril(-1)
+    A = (beta[..., None] * decay * (k @ k.transpose(-1, -2))).masked_fill(~strict, 0)
+    eye = torch.eye(chunk, device=v.device)
+    solve = lambda rhs: torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # noqa: E731
+    u0, w = solve(beta[..., None] * v), solve((beta * c.exp())[..., None] * k)
+    qk = q @ k.transpose(-1, -2) * decay
+    o = torch.empty(HV, n, chunk, V, dtype=torch.float32, device=v.device)
+    m = torch.empty(HV, n, chunk, dtype=torch.float32, device=v.device)
+    for i in range(n):
+        u = u0[:, i] - w[:, i] @ S                                             # [HV, C, V]
+        o[:, i] = scale * ((q[:, i] * c[:, i, :, None].exp()) @ S + qk[:, i] @ u)
+        m[:, i] = u.norm(dim=-1)
+        last = c[:, i, -1]
+        S = S * last.exp()[:, None, None] + (k[:, i] * (last[:, None] - c[:, i]).exp()[..., None]).transpose(-1, -2) @ u
+    o = o.reshape(HV, n * chunk, V)[:, :T].transpose(0, 1)
+    return o, m.reshape(HV, n * chunk)[:, :T].transpose(0, 1), S

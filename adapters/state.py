@@ -3,7 +3,7 @@
 On CUDA it runs fla's kernels: prefill calls the pieces of fla's chunked forward itself, because
 `chunk_gated_delta_rule_fwd_h` returns `v_new_t = beta_t (v_t - alpha_t S_{t-1}^T k_t)`, the
 score's vector; decode runs fla's fused recurrent step and computes e_t from the cached state
-S_{t-1} (one mat-vec per head). Elsewhere it runs the float32 reference recurrence.
+S_{t-1} (one mat-vec per head). Elsewhere it runs the chunked float32 delta rule of `reference.py`.
 
 Layouts follow fla: q, k [B, T, H, K]; v [B, T, HV, V]; beta/gate inputs [B, T, HV] (raw, before
 the sigmoid / softplus); GDN state [N, HV, V, K] (value-first), DeltaNet state [N, H, K, V].
@@ -16,7 +16,7 @@ import triton
 
 from ..kernels.write import row_norm
 from .fallbacks import expand_heads, gdn_beta, gdn_decay, l2_normalize, spans
-from .reference import delta_rule_with_score
+from .reference import chunk_delta_rule_with_score
 
 
 def state_forward(kind: str, q, k, v, beta_raw, a_raw, A_log, dt_bias, allow_neg_eigval: bool,
@@ -55,8 +55,8 @@ def _state_forward_reference(kind, q, k, v, beta_raw, a_raw, A_log, dt_bias, all
         S0 = None
         if initial_state is not None:
             S0 = initial_state[n].transpose(-1, -2) if kind == 'gdn' else initial_state[n]  # -> [HV, K, V]
-        on, mn, Sn = delta_rule_with_score(qn[b, s:e], kn[b, s:e], v[b, s:e], beta[b, s:e],
-                                           None if log_alpha is None else log_alpha[b, s:e], scale, S0)
+        on, mn, Sn = chunk_delta_rule_with_score(qn[b, s:e], kn[b, s:e], v[b, s:e], beta[b, s:e],
+                                                 None if log_alpha is None else log_alpha[b, s:e], scale, S0)
         o[b, s:e], score[b, s:e] = on.to(v.dtype), mn
         finals.append(Sn.transpose(-1, -2) if kind == 'gdn' else Sn)
     return o, score, torch.stack(finals).contiguous()

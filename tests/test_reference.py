@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from hola_retrofit import MemoryConfig
 from hola_retrofit.adapters import fallbacks
-from hola_retrofit.adapters.reference import delta_rule_with_score, empty_memory, memory_forward
+from hola_retrofit.adapters.reference import (chunk_delta_rule_with_score, delta_rule_with_score, empty_memory,
+                                             memory_forward)
 
 
 def rel(a, b):
@@ -127,6 +128,39 @@ def test_delta_rule_reference_equals_fla_naive(gated):
         e = v[0, t] - torch.einsum('hkv,hk->hv', Sp, k[0, t])
         assert rel(m[t], (beta[0, t, :, None] * e).norm(dim=-1)) < 1e-5
         Sp = Sp + k[0, t][:, :, None] * (beta[0, t, :, None] * e)[:, None, :]
+
+
+@pytest.mark.parametrize('gated', [True, False])
+@pytest.mark.parametrize('T', [1, 16, 53, 130])
+def test_chunked_delta_rule_equals_step_by_step(gated, T):
+    """The CPU fast path (one step per chunk) against the step-by-step reference: outputs, scores, final state."""
+    g = torch.Generator().manual_seed(T)
+    H, K, V = 3, 8, 6
+    q = F.normalize(torch.randn(T, H, K, generator=g), dim=-1)
+    k = F.normalize(torch.randn(T, H, K, generator=g), dim=-1)
+    v, beta = torch.randn(T, H, V, generator=g), torch.rand(T, H, generator=g)
+    la = -torch.rand(T, H, generator=g) * 0.5 if gated else None
+    S0 = torch.randn(H, K, V, generator=g) * 0.3
+    for start in (None, S0):
+        expect = delta_rule_with_score(q, k, v, beta, la, K ** -0.5, start)
+        got = chunk_delta_rule_with_score(q, k, v, beta, la, K ** -0.5, start, chunk=16)
+        for a, b in zip(got, expect):
+            assert rel(a, b) < 1e-5
+
+
+def test_fallback_delta_rule_equals_fla_naive_recurrence():
+    """DeltaNet's CPU fallback (base models) against fla's own step-by-step reference, from a state."""
+    from fla.ops.delta_rule.naive import delta_rule_recurrence
+    g = torch.Generator().manual_seed(3)
+    B, T, H, K, V = 2, 45, 2, 8, 6
+    q, k, v = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, V, generator=g)
+    beta, S0 = torch.rand(B, T, H, generator=g), torch.randn(B, H, K, V, generator=g) * 0.1
+    o, S = fallbacks.delta_rule_cpu(q, k, v, beta, initial_state=S0, output_final_state=True,
+                                    use_qk_l2norm_in_kernel=True)
+    qn, kn = fallbacks.l2_normalize(q), fallbacks.l2_normalize(k)
+    o_ref, S_ref = delta_rule_recurrence(*(t.transpose(1, 2) for t in (qn, kn, v, beta)), initial_state=S0,
+                                         output_final_state=True)
+    assert rel(o, o_ref.transpose(1, 2)) < 1e-5 and rel(S, S_ref) < 1e-5
 
 
 def test_fallback_rmsnorm_equals_fla_reference():
