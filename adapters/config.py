@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 READ_RULES = ('shared', 'gated')
-EVICTIONS = ('surprise', 'recency')
+EVICTIONS = ('surprise', 'novelty', 'recency')
 
 
 @dataclass
@@ -17,7 +17,12 @@ class MemoryConfig:
     read_block   whether queries read the current block (off + M = 0 means memory off: base outputs).
     read_rule    'shared': one softmax over [sink, cache, block] whose sink value is the state read
                  (training-free default); 'gated': HOLA's state + sigmoid(gate) * read, null sink.
-    eviction     'surprise': score beta*||e|| (HOLA); 'recency': keep the last M tokens (ablation).
+    eviction     which tokens the cache keeps: the top-M by a write score computed once per token, 'surprise'
+                 beta*||e|| (HOLA) or 'novelty' 1 - max cos(k_t, k_j) over the `novelty_window` tokens before t
+                 (a key unlike its recent past); or 'recency', the last M tokens.
+    novelty_window  W of the 'novelty' score (the memory also keeps the last W keys).
+    cache_sizes  per layer (by layer index), the cache size of that layer, overriding `cache_size`; a layer given 0
+                 has no memory at all (computes exactly the base layer). None: `cache_size` everywhere.
     gamma_init   initial value of the RMSNorm-gamma of the cache-path q and k (logit temperature
                  gamma_init^2 * sqrt(d) * cos(q, k)).
     sink_init    initial sink logit. Defaults 2.0 / 28.0 from `bench/defaults.py` (synthetic SiLU-feature
@@ -32,6 +37,8 @@ class MemoryConfig:
     read_block: bool = True
     read_rule: str = 'shared'
     eviction: str = 'surprise'
+    novelty_window: int = 256
+    cache_sizes: list[int] | None = None
     gamma_init: float = 2.0
     sink_init: float = 28.0
     gate_init: float = -4.0
@@ -49,6 +56,13 @@ class MemoryConfig:
             raise ValueError(f"read_rule must be one of {READ_RULES}, got {self.read_rule!r}")
         if self.eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
+        if not isinstance(self.novelty_window, int) or isinstance(self.novelty_window, bool) or self.novelty_window < 1:
+            raise ValueError(f"novelty_window must be an integer >= 1, got {self.novelty_window!r}")
+        if self.cache_sizes is not None:
+            if not isinstance(self.cache_sizes, (list, tuple)) or not all(
+                    isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in self.cache_sizes):
+                raise ValueError(f"cache_sizes must be a list of integers >= 0, got {self.cache_sizes!r}")
+            self.cache_sizes = list(self.cache_sizes)
         if not self.gamma_init > 0:
             raise ValueError(f"gamma_init must be > 0, got {self.gamma_init!r}")
         if not self.norm_eps > 0:
@@ -58,6 +72,15 @@ class MemoryConfig:
     def enabled(self) -> bool:
         """False when the layer must compute exactly what the base layer computes."""
         return self.cache_size > 0 or self.read_block
+
+    def for_layer(self, i: int) -> MemoryConfig:
+        """The settings of layer i: its own cache size where `cache_sizes` gives one (0: memory off there)."""
+        if self.cache_sizes is None:
+            return self
+        if i >= len(self.cache_sizes):
+            raise ValueError(f"cache_sizes has {len(self.cache_sizes)} entries; layer {i} has none")
+        m = self.cache_sizes[i]
+        return replace(self, cache_size=m, read_block=self.read_block and m > 0, cache_sizes=None)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,7 +19,7 @@ from ..kernels.memory import (decode_beside, kernels_enabled, memory_decode_fuse
                               prompt_pieces)
 from .config import MemoryConfig
 from .fallbacks import expand_heads, l2_normalize, spans
-from .reference import empty_memory, memory_forward
+from .reference import empty_memory, memory_forward, novelty_scores, novelty_step
 from .state import CHUNK, sequence_parts, state_forward
 
 MEMORY_KEY = 'hola_memory'
@@ -112,14 +112,16 @@ class HolaMixin:
                              f"{len(seqs)}; pass a padding mask whose last column is all ones, or a new cache")
         params = self.mem(x)
         scale = self.head_k_dim ** -0.5
+        novelty = self.hola.eviction == 'novelty'
         if fused and B * T == len(seqs):  # one token per sequence: the memory's kernels take the state step too
             N = len(seqs)
             step = dict(kind=self.kind, S=previous, beta=beta, a=a, A_log=getattr(self, 'A_log', None),
                         dt_bias=getattr(self, 'dt_bias', None), allow_neg_eigval=self.allow_neg_eigval)
+            given = novelty_step(mem, expand_heads(l2_normalize(k.reshape(N, *k.shape[2:])), HV)) if novelty else None
             # the output gate's projection does not depend on the step: under CUDA graphs it runs beside it
             beside = (lambda: self.g_proj(x)) if self.use_gate and decode_beside(v.device) else None
             o = memory_decode_fused(mem, q.reshape(N, *q.shape[2:]), k.reshape(N, *k.shape[2:]), v.reshape(N, HV, V),
-                                    params, self.hola, scale, state=step, beside=beside)
+                                    params, self.hola, scale, score=given, state=step, beside=beside)
             if beside is not None:
                 o, g_raw = o
             o = o.reshape(v.shape)
@@ -127,10 +129,15 @@ class HolaMixin:
         else:
             # a fresh prompt's blocks are the state path's chunks: the read kernel then computes the state output too
             parts = fused and fresh and self.hola.block_size == CHUNK
+            whole = parts and len(seqs) == 1 and B == 1 and cu_seqlens is None and not novelty
             o, score, recurrent, k_rstd = state_forward(
                 self.kind, q, k, v, beta, a, getattr(self, 'A_log', None), getattr(self, 'dt_bias', None),
-                self.allow_neg_eigval, previous, cu_seqlens, parts=parts,
-                pieces=prompt_pieces(T, v.device) if parts and len(seqs) == 1 and B == 1 and cu_seqlens is None else 1)
+                self.allow_neg_eigval, previous, cu_seqlens, parts=parts, pieces=prompt_pieces(T, v.device) if whole else 1)
+            if novelty:  # the write scores from the keys instead (before the memory advances its positions)
+                kn = expand_heads(l2_normalize(k), HV)
+                score = torch.empty(B, T, HV, dtype=torch.float32, device=v.device)
+                for n, (b, s, e) in enumerate(seqs):
+                    score[b, s:e] = novelty_scores(mem, n, kn[b, s:e], 0 if fresh else int(mem['seen'][n]))
             if fused:  # the kernels normalise raw q/k themselves and write the output in place
                 parts = None
                 if isinstance(o, dict):
@@ -210,14 +217,14 @@ def attach_memory(model: nn.Module, cfg: MemoryConfig) -> list[int]:
     for i, block in enumerate(model.model.layers):
         mixer = block.attn
         if isinstance(mixer, HolaMixin):
-            mixer.hola = cfg
+            mixer.hola = cfg.for_layer(i)
             patched.append(i)
             continue
         for base, hola in _SWAPS:
             if type(mixer) is base:
                 _check_supported(mixer)
                 mixer.__class__ = hola
-                mixer._init_memory(cfg)
+                mixer._init_memory(cfg.for_layer(i))
                 patched.append(i)
                 break
     return patched

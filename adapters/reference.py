@@ -2,7 +2,8 @@
 
 Per layer and value head, for one sequence:
 
-- every token t gets the static write score m_t = ||beta_t * e_t|| (surprise) or its position (recency);
+- every token t gets a static write score, computed once: m_t = ||beta_t * e_t|| (surprise), or
+  m_t = 1 - max_j cos(k_t, k_j) over the W tokens before t (novelty, `novelty_scores`), or its position (recency);
 - the cache holds the M tokens with the largest score among all tokens of *completed* blocks of C tokens;
   ties keep the earlier token; the cache merges with a block when the block ends;
 - a query reads, with the decoupled RMSNorm-gamma attention, the cache, the earlier tokens of its own
@@ -45,7 +46,7 @@ def empty_memory(n: int, hv: int, k: int, v: int, cfg: MemoryConfig, dtype: torc
             return torch.full(shape, float('nan') if dt.is_floating_point else 7, dtype=dt, device=device)
         return torch.empty(shape, dtype=dt, device=device)
 
-    return {
+    mem = {
         'cache_k': new((n, hv, M, k), 0),
         'cache_v': new((n, hv, M, v), 0),
         'cache_score': new((n, hv, M), float('-inf'), torch.float32),
@@ -55,6 +56,9 @@ def empty_memory(n: int, hv: int, k: int, v: int, cfg: MemoryConfig, dtype: torc
         'block_score': new((n, hv, C), float('-inf'), torch.float32),
         'seen': new((n,), 0, torch.long),
     }
+    if cfg.eviction == 'novelty':  # the last W keys (key p in slot p % W); zeros before the sequence starts
+        mem['recent_k'] = torch.zeros(n, hv, cfg.novelty_window, k, dtype=dtype, device=device)
+    return mem
 
 
 def memory_nbytes(mem: dict[str, torch.Tensor]) -> int:
@@ -86,10 +90,44 @@ def merge(mem: dict, n: int, cfg: MemoryConfig) -> None:
             'cache_score': torch.cat([mem['cache_score'][n], mem['block_score'][n]], 1),
             'cache_pos': torch.cat([mem['cache_pos'][n], block_pos], 1)}
     cand_s, cand_p = cand['cache_score'], cand['cache_pos']
-    key = cand_s if cfg.eviction == 'surprise' else torch.where(cand_p >= 0, cand_p.double(), float('-inf'))
+    key = cand_s if cfg.eviction != 'recency' else torch.where(cand_p >= 0, cand_p.double(), float('-inf'))
     by_pos = torch.argsort(cand_p, dim=1, stable=True)
     order = torch.argsort(key.gather(1, by_pos), dim=1, descending=True, stable=True)[:, :M]
     store_cache(mem, n, cand, by_pos.gather(1, order))
+
+
+def novelty_scores(mem: dict, n: int, k: torch.Tensor, seen: int, rows: int = 1024) -> torch.Tensor:
+    """The 'novelty' write scores of L new tokens of sequence n at positions seen, seen + 1, ...: m_t = 1 - max_j
+    cos(k_t, k_j) over the W = novelty_window tokens before t, where positions before the sequence's start hold zero
+    keys (cos 0). k [L, HV, K] unit-L2. Keys are compared as the memory stores them (its dtype), so any split of a
+    sequence gives the same scores. Updates mem['recent_k'][n] [HV, W, K] (key p in slot p % W); returns [L, HV]
+    float32. `rows`: queries per matrix product (memory)."""
+    ring = mem['recent_k'][n]
+    HV, W, _ = ring.shape
+    L = k.shape[0]
+    new = k.transpose(0, 1).to(ring.dtype)                                          # [HV, L, K]
+    keys = torch.cat([ring[:, torch.arange(seen - W, seen, device=ring.device) % W], new], 1).float()
+    out = torch.empty(L, HV, dtype=torch.float32, device=k.device)
+    for i0 in range(0, L, rows):                     # key j of `keys` is position seen - W + j: token i sees j in [i, i + W)
+        i1 = min(L, i0 + rows)
+        cos = new[:, i0:i1].float() @ keys[:, i0:i1 + W].transpose(-1, -2)             # [HV, l, W + l]
+        d = torch.arange(i0, i1 + W, device=k.device)[None, :] - torch.arange(i0, i1, device=k.device)[:, None]
+        out[i0:i1] = (1 - cos.masked_fill((d < 0) | (d >= W), float('-inf')).amax(-1)).transpose(0, 1)
+    last = min(L, W)
+    ring[:, torch.arange(seen + L - last, seen + L, device=ring.device) % W] = new[:, L - last:]
+    return out
+
+
+def novelty_step(mem: dict, k: torch.Tensor) -> torch.Tensor:
+    """`novelty_scores` for one token of every sequence, without a host sync: k [N, HV, K] unit-L2, the positions
+    are mem['seen']. Returns [N, HV] float32."""
+    ring = mem['recent_k']
+    W = ring.shape[2]
+    new = k.to(ring.dtype)
+    score = 1 - torch.einsum('nhwk,nhk->nhw', ring.float(), new.float()).amax(-1)
+    slot = (mem['seen'] % W)[:, None, None, None].expand(-1, ring.shape[1], 1, ring.shape[3])
+    ring.scatter_(2, slot, new[:, :, None])
+    return score
 
 
 def read_combine(q: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor, valid: torch.Tensor,

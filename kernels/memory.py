@@ -176,7 +176,7 @@ def _prefill_in_pieces(mem, n, q, k, v, params, cfg, scale, out, k_rstd, state):
             if i == 0:  # allocated once the stream waits on the current one (under CUDA graph capture: joined it)
                 score = torch.empty(L, HV, dtype=torch.float32, device=dev)
             row_norm(piece['v_new'], out=score[s:e])
-            new = sort_piece(score, s, e) if cfg.eviction == 'surprise' else None
+            new = sort_piece(score, s, e) if cfg.eviction != 'recency' else None
             sorted_.append((new, _event(dev)))
     # the caches, a chain (each piece's candidates include the cache the piece before chose)
     select_done = []

@@ -463,7 +463,8 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
                    G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, E: tl.constexpr, BC: tl.constexpr,
                    BT: tl.constexpr, BP: tl.constexpr, TAIL: tl.constexpr, SHARED: tl.constexpr,
-                   SURPRISE: tl.constexpr, READ_BLOCK: tl.constexpr, STEP: tl.constexpr, NEG: tl.constexpr):
+                   SURPRISE: tl.constexpr, READ_BLOCK: tl.constexpr, STEP: tl.constexpr, NEG: tl.constexpr,
+                   GIVEN: tl.constexpr):
     """Program (sequence, value head, p). p = iv < NVT: (the recurrent step of the state's value rows iv BV ...,)
     and, iv = 0, the token's write into the block buffer. p = NVT + s: the softmax parts of entries [s E, s E + E)
     of [cache, block so far] (flash-decoding): max PM, sum PL and the weighted values PACC [N, HV, NS, V].
@@ -475,7 +476,7 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
     (strided, value/key strides given), in place: S <- alpha S + k u^T with u = beta (v - alpha S^T k),
     alpha = exp(-exp(A_log) softplus(a + dt_bias)), beta = sigmoid(b) (x2 with NEG), score ||u||, state output
     scale * S^T q (q, k unit-L2; fla's fused recurrent step): the tile's part of ||u||^2 goes to PART [N, HV, NVT].
-    2: the same for DeltaNet (alpha 1, beta given)."""
+    2: the same for DeltaNet (alpha 1, beta given). GIVEN: the score is given in SC all the same (eviction 'novelty')."""
     n, h, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     iv, s = pid, pid - NVT
     HV = tl.num_programs(1)
@@ -554,7 +555,7 @@ def _decode_kernel(Q, KR, VR, ST, BETA, A_RAW, A_LOG, DT_BIAS, SEEN, CK, CV, CP,
         tl.store(TICKET + nh, 0)
         _finish(n, h, nh, seen, q, KR + n * sk_n + hk * sk_h, sink, gate, VR, SC, PART, OST, PM, PL, PACC, OUT, CK,
                 CV, CS, CP, BKT, BVL, BS, RANK, sv_n, sv_h, sp, so, eps_l2, eps, scale, NVT, NS, K, V, M, C, BK, BVF,
-                BC, BT, BP, TAIL, SHARED, READ_BLOCK, SURPRISE, STEP)
+                BC, BT, BP, TAIL, SHARED, READ_BLOCK, SURPRISE, STEP, GIVEN)
         # the sequence's last head advances its position: every program of the sequence has read it by now
         tl.debug_barrier()
         last = tl.atomic_add(TICKET + tl.num_programs(0) * HV + n, 1, sem='acq_rel') == HV - 1
@@ -569,7 +570,7 @@ def _finish(n, h, nh, seen, q, KT, sink, gate, VR, SC, PART, OST, PM, PL, PACC, 
             RANK, sv_n, sv_h, sp, so, eps_l2, eps, scale, NVT, NS, K: tl.constexpr,
             V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
             BC: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, TAIL: tl.constexpr, SHARED: tl.constexpr,
-            READ_BLOCK: tl.constexpr, SURPRISE: tl.constexpr, STEP: tl.constexpr):
+            READ_BLOCK: tl.constexpr, SURPRISE: tl.constexpr, STEP: tl.constexpr, GIVEN: tl.constexpr):
     """The last program of head (n, h) in `_decode_kernel`: the softmax over [sink, the parts, the token itself],
     the combination with the state output into OUT; the token's write score (given in SC, or the root of the value
     tiles' parts of ||u||^2) into the block buffer; at a block end the block merges into the cache. Other programs'
@@ -581,7 +582,7 @@ def _finish(n, h, nh, seen, q, KT, sink, gate, VR, SC, PART, OST, PM, PL, PACC, 
     fill = (seen % C).to(tl.int32)
     # the other programs' outputs, issued with the parts' loads below (one round trip)
     ost = tl.load(OST + nh * so + rv, mask=mv, other=0., cache_modifier='.cg').to(tl.float32)
-    if STEP == 0:
+    if STEP == 0 or GIVEN:
         score = tl.load(SC + nh)
     else:
         rt = tl.arange(0, BT)
@@ -697,7 +698,7 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, we
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """One token for every sequence, in one launch: raw q, k [N, H, K] (before the L2 norm), v [N, HV, V];
     weight [HV, 2K + 2] the packed memory parameters. Either `score` [N, HV] and `o_state` [N, HV, V] are
-    given, or `state` holds the recurrent step's inputs: kind ('gdn' or 'deltanet'), S (the state before this
+    given, or `state` (and optionally `score`, else the step's ||u||) holds the recurrent step's inputs: kind ('gdn' or 'deltanet'), S (the state before this
     token in fla's layout, updated in place; None: zero, then state['S'] gets the new state), beta ([N, HV];
     GDN: raw, before the sigmoid), and for GDN a, A_log, dt_bias, allow_neg_eigval. Writes the token into the
     block buffer, reads, combines, merges a block that ends into the cache and advances mem['seen'] (the
@@ -732,7 +733,10 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, we
         s_strides = (S.stride(0), S.stride(1), S.stride(2), S.stride(3)) if gdn else \
             (S.stride(0), S.stride(1), S.stride(3), S.stride(2))
         a, a_log, dt_bias = ((state['a'].reshape(N, HV), state['A_log'], state['dt_bias']) if gdn else (beta,) * 3)
-        neg, score = gdn and state['allow_neg_eigval'], beta
+        neg = gdn and state['allow_neg_eigval']
+    given = state is not None and score is not None
+    if state is not None:
+        score = score.float().contiguous() if given else beta  # beta: not read
     strides = (weight.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     sps = (part.stride(1), o_state.stride(1))  # rows [N, HV] of the scratch and of the state output
     common = dict(G=HV // H, K=K, V=V, M=M, C=C, BK=_pow2(K), READ_BLOCK=read_block, STEP=step)
@@ -745,5 +749,5 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: dict, we
         mem['block_k'], mem['block_v'], part, o_state, pm, pl, pacc, weight, score, out, mem['cache_score'],
         mem['block_score'], rank, ticket, *strides, *s_strides, *sps, 1e-6, eps, scale, NVT, NS, BV=BV,
         BVF=_pow2(V), E=E, BC=_pow2(C), BT=_pow2(NVT, 2), BP=BP, TAIL=TAIL, SHARED=shared,
-        SURPRISE=eviction == 'surprise', NEG=neg, **common, num_warps=tiles['num_warps'])
+        SURPRISE=eviction != 'recency', NEG=neg, GIVEN=given, **common, num_warps=tiles['num_warps'])
     return out

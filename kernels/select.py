@@ -23,12 +23,12 @@ def priority_order(score: torch.Tensor, pos: torch.Tensor | None, eviction: str,
     position order first (`by_pos`, when the caller knows it), then a stable descending sort by the key
     keeps the earlier token first among ties."""
     if pos is None:
-        if eviction == 'surprise':
+        if eviction != 'recency':
             return torch.argsort(score, dim=-1, descending=True, stable=True)
         return torch.arange(score.shape[-1] - 1, -1, -1, device=score.device).expand(score.shape)
     if by_pos is None:
         by_pos = torch.argsort(torch.where(pos >= 0, pos, torch.iinfo(torch.long).max), dim=-1, stable=True)
-    if eviction == 'surprise':
+    if eviction != 'recency':
         key = torch.where(pos >= 0, score.float(), float('-inf'))
     else:
         key = pos
@@ -201,7 +201,7 @@ def select_piece(score: torch.Tensor, start: int, end: int, C: int, idx: torch.T
         return
     L, MC = end - start, (M if start else 0)  # carried candidates: none for the first piece
     # the candidates, in priority order, as positions: the carried top-M merged with the new tokens
-    if eviction == 'surprise':
+    if eviction != 'recency':
         keys = new_sorted if new_sorted is not None else sort_piece(score, start, end)
         merged = torch.empty(HV, MC + L, dtype=torch.int32, device=idx.device)
         BT = 128

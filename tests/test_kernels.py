@@ -368,9 +368,11 @@ def test_bf16_kernels_within_1e2_of_fp32_reference():
     assert rel(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize('eviction', ['surprise', 'novelty'])
 @torch.no_grad()
-def test_model_with_kernels_equals_reference_model(monkeypatch, kind):
-    model = hola_from_base(tiny_base(kind), cache_size=6, block_size=16, sink_init=2.0, gamma_init=1.5).to(DEV)
+def test_model_with_kernels_equals_reference_model(monkeypatch, kind, eviction):
+    model = hola_from_base(tiny_base(kind), cache_size=6, block_size=16, sink_init=2.0, gamma_init=1.5,
+                           eviction=eviction, novelty_window=20).to(DEV)
     ids = torch.randint(3, VOCAB, (2, 56), device=DEV)
 
     def run():  # 38 prefilled, then 18 decode steps across a block end (48): score, write, read, merge

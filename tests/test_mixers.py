@@ -5,9 +5,8 @@ import torch
 import torch.nn as nn
 from conftest import VOCAB, hola_from_base, tiny_base
 
-from hola_retrofit import HolaCache, MemoryConfig, attach_memory
-from hola_retrofit.adapters.mixers import HolaGatedDeltaNet
-from hola_retrofit.adapters.mixers import MEMORY_KEY
+from hola_retrofit import HolaCache, MemoryConfig, attach_memory, memory_layers
+from hola_retrofit.adapters.mixers import MEMORY_KEY, HolaGatedDeltaNet
 
 
 def rel(a, b):
@@ -68,11 +67,11 @@ def test_abstaining_memory_equals_base(name):
 
 
 @pytest.mark.parametrize('name', ['gdn', 'gdn-gva', 'deltanet'])
-@pytest.mark.parametrize('rule', ['shared', 'gated'])
+@pytest.mark.parametrize('rule,eviction', [('shared', 'surprise'), ('gated', 'surprise'), ('shared', 'novelty')])
 @torch.no_grad()
-def test_prefill_equals_decode_at_any_split(name, rule):
+def test_prefill_equals_decode_at_any_split(name, rule, eviction):
     model = hola_from_base(_base(name), cache_size=6, block_size=8, read_rule=rule, sink_init=2.0,
-                           gate_init=2.0, gamma_init=1.5)
+                           gate_init=2.0, gamma_init=1.5, eviction=eviction, novelty_window=12)
     ids = torch.randint(3, VOCAB, (2, 61))
     full, cache_full = run_split(model, ids, [61])
     assert rel(full, _base(name)(ids).logits) > 1e-3  # the memory does change the output
@@ -82,6 +81,26 @@ def test_prefill_equals_decode_at_any_split(name, rule):
         for layer in range(len(model.model.layers)):
             m1, m2 = cache[layer][MEMORY_KEY], cache_full[layer][MEMORY_KEY]
             assert torch.equal(m1['cache_pos'], m2['cache_pos']) and torch.equal(m1['seen'], m2['seen'])
+
+
+@torch.no_grad()
+def test_layer_cache_sizes(kind):
+    """cache_sizes gives each layer its own M; a layer given 0 has no memory and computes exactly the base layer."""
+    base = tiny_base(kind)
+    model = hola_from_base(base, cache_size=6, block_size=4, sink_init=1.0, cache_sizes=[0, 5])
+    assert [m.hola.cache_size for m in memory_layers(model)] == [0, 5]
+    assert not memory_layers(model)[0].hola.enabled and memory_layers(model)[1].hola.enabled
+    ids = torch.randint(3, VOCAB, (1, 19))
+    out = model(ids, use_cache=True)
+    assert MEMORY_KEY not in out.past_key_values[0] and out.past_key_values[1][MEMORY_KEY]['cache_k'].shape[2] == 5
+    layer0 = {}
+    for m, store in ((base, 'base'), (model, 'hola')):
+        h = m.model.layers[0].attn.register_forward_hook(lambda mod, a, o, store=store: layer0.__setitem__(store, o[0]))
+        m(ids)
+        h.remove()
+    assert torch.equal(layer0['base'], layer0['hola'])
+    with pytest.raises(ValueError, match='cache_sizes'):
+        hola_from_base(base, cache_sizes=[1])
 
 
 @torch.no_grad()

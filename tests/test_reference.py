@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hola_retrofit import MemoryConfig
 from hola_retrofit.adapters import fallbacks
 from hola_retrofit.adapters.reference import (chunk_delta_rule_with_score, delta_rule_with_score, empty_memory,
-                                             memory_forward)
+                                             memory_forward, novelty_scores, novelty_step)
 
 
 def rel(a, b):
@@ -104,6 +104,37 @@ def test_split_invariance(split):
     assert torch.allclose(out_a, out_b, atol=1e-6, rtol=1e-5)
     for key in mem_a:
         assert torch.equal(mem_a[key], mem_b[key]), key
+
+
+@pytest.mark.parametrize('W', [1, 5, 16])
+def test_novelty_scores_equal_their_definition_at_any_split(W):
+    """m_t = 1 - max cos(k_t, k_j) over the W tokens before t (positions before the start: zero keys, cos 0),
+    the same however the sequence is cut, decoded token by token included (novelty_step)."""
+    g = torch.Generator().manual_seed(W)
+    T, HV, K = 41, 2, 8
+    k = F.normalize(torch.randn(T, HV, K, generator=g), dim=-1)
+    k[20] = k[17]                                       # a repeat within the window: novelty 0
+    cfg = MemoryConfig(cache_size=4, block_size=8, eviction='novelty', novelty_window=W)
+    expect = torch.empty(T, HV)
+    for t in range(T):
+        prev = [k[j] for j in range(t - W, t) if j >= 0] + [torch.zeros(HV, K)] * max(0, W - t)
+        expect[t] = 1 - torch.stack([(k[t] * p).sum(-1) for p in prev]).amax(0)
+    if W >= 3:
+        assert expect[20].abs().max() < 1e-6
+    for cuts in ([T], [3, 30, 8], [1] * T):
+        mem = empty_memory(1, HV, K, 4, cfg, torch.float32, torch.device('cpu'))
+        got, i = [], 0
+        for n in cuts:
+            got.append(novelty_scores(mem, 0, k[i:i + n], i, rows=7))
+            i += n
+        assert rel(torch.cat(got), expect) < 1e-6, cuts
+    mem = empty_memory(2, HV, K, 4, cfg, torch.float32, torch.device('cpu'))
+    steps = []
+    for t in range(T):  # two sequences at once, the second one token behind
+        both = torch.stack([k[t], k[t - 1] if t else k[0]])
+        steps.append(novelty_step(mem, both)[0])
+        mem['seen'] += 1
+    assert rel(torch.stack(steps), expect) < 1e-6
 
 
 @pytest.mark.parametrize('gated', [True, False])
