@@ -63,7 +63,7 @@ def test_fit_finds_the_retrieval_head_and_gives_it_the_budget(monkeypatch):
     assert rec.cache_sizes == [0, 16]  # the budget of 2 layers x 2 heads x 8 entries, in the reading layer
     R.apply_recipe(model, rec)
     assert model.config.hola['cache_sizes'] == [0, 16] and model.config.hola['eviction'] == 'novelty'
-    w, K = memory_layers(model)[1].mem.weight, memory_layers(model)[1].mem.k
+    w, K = memory_layers(model)[1].mem.weight.detach(), memory_layers(model)[1].mem.k
     assert torch.allclose(w[0, :2 * K], torch.full((2 * K,), math.sqrt(hit.tau / math.sqrt(K))))
     assert w[0, 2 * K] == pytest.approx(hit.sink, rel=1e-5) and w[1, 2 * K] == R.ABSTAIN
     assert R.Recipe.from_dict(rec.to_dict()) == rec
