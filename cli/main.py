@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from ..adapters.config import EVICTIONS, READ_RULES, MemoryConfig
+from ..evals.tasks import DEPTHS, PHRASINGS, Templates
 from ..retrofit.errors import RetrofitError
 
 BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # one block is one tile of the fused kernels: a power of 2, >= 16
@@ -103,9 +104,16 @@ def main():
 @click.option('--commit-message', help='With --push-to-hub: the commit message.')
 @click.option('--source-revision', help='Revision of a Hub SRC (also: SRC@REV).')
 @click.option('--dtype', type=click.Choice(['float32', 'bfloat16', 'float16']), help='Cast the base weights.')
+@click.option('--recipe/--no-recipe', default=True, show_default=True,
+              help='Fit the memory on the model itself (which heads read, their temperature and sink, which layers '
+                   'hold the entries); --no-recipe: every head reads with --gamma and --sink.')
+@click.option('--calibration-text', type=click.Path(exists=True, dir_okay=False),
+              help='Text the recipe is fitted on (default: a text shipped with the package).')
+@click.option('--device', help='Device of the recipe fit (default: cuda if available, else cpu).')
 @click.option('--force', is_flag=True, help='Replace an existing --out folder.')
 @click.option('-q', '--quiet', is_flag=True, help='No progress bars.')
-def convert(src, out, push, private, revision, commit_message, source_revision, dtype, force, quiet, **kw):
+def convert(src, out, push, private, revision, commit_message, source_revision, dtype, recipe, calibration_text,
+            device, force, quiet, **kw):
     """Convert SRC (a local folder or a Hub repo id) into a memory-augmented checkpoint."""
     from ..retrofit.convert import convert as do_convert
 
@@ -117,13 +125,27 @@ def convert(src, out, push, private, revision, commit_message, source_revision, 
     try:
         mem = _memory(kw)
         with _destination(out) as (path, temporary):
-            path = do_convert(src, path, mem, revision=source_revision, dtype=dtype, force=force, progress=not quiet)
+            path = do_convert(src, path, mem, revision=source_revision, dtype=dtype, force=force, progress=not quiet,
+                              recipe=recipe, calibration_text=calibration_text, device=device)
+            if recipe:
+                click.echo(_recipe_summary(path))
             if not temporary:
                 click.echo(f"wrote {path}")
             if push:
                 _push(path, push, private=private, revision=revision, commit_message=commit_message)
     except (RetrofitError, ValueError) as e:
         _fail(e)
+
+
+def _recipe_summary(path: Path) -> str:
+    from ..retrofit.recipe import RECIPE_FILE, Recipe
+    rec = Recipe.from_dict(json.loads((path / RECIPE_FILE).read_text()))
+    if not rec.reading:
+        return 'recipe: ' + '; '.join(rec.notes)
+    heads = ', '.join(f'layer {h.layer} head {h.head} (tau {h.tau:g}, sink {h.sink:.1f})' for h in rec.reading)
+    layers = ', '.join(f'layer {i}: {m}' for i, m in enumerate(rec.cache_sizes) if m)
+    return (f"recipe: {len(rec.reading)} of {len(rec.heads)} heads read: {heads}; entries per head: {layers}; "
+            f"no memory in the other layers ({RECIPE_FILE})")
 
 
 @main.command()
@@ -183,10 +205,14 @@ def _depths(ctx, param, value):
 @click.argument('model')
 @click.option('--baseline', help='Base model to compare with (default: MODEL with its memory off, '
                                  'which computes exactly what the base checkpoint computes).')
-@click.option('--task', 'tasks', type=click.Choice(['niah', 'multikey', 'kv', 'ppl']), multiple=True,
-              default=['niah'], show_default=True, help='Repeat for several tasks.')
+@click.option('--task', 'tasks', type=click.Choice(['niah', 'multikey', 'kv', 'copy', 'ppl']), multiple=True,
+              default=['niah'], show_default=True,
+              help='Repeat for several tasks. copy: [X, filler, X], the lengths are the filler\'s.')
+@click.option('--phrasing', 'phrasings', type=click.Choice(list(PHRASINGS)), multiple=True, default=['passkey'],
+              show_default=True, help='Needle phrasing of niah; repeat for several. secret: the reference '
+                                      "checkpoints' training format; locker: the same shape in unseen words.")
 @click.option('--lengths', default='2k,4k,8k,16k,32k', show_default=True, callback=_lengths)
-@click.option('--depths', default='0,0.25,0.5,0.75,1', show_default=True, callback=_depths)
+@click.option('--depths', default=','.join(f'{d:g}' for d in DEPTHS), show_default=True, callback=_depths)
 @click.option('--trials', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--seed', type=int, default=0, show_default=True)
 @click.option('--haystack', type=click.Path(exists=True, dir_okay=False), help='Filler text file.')
@@ -197,24 +223,26 @@ def _depths(ctx, param, value):
 @click.option('--device', default=None, help='cpu, cuda, ... (default: cuda if available)')
 @click.option('--dtype', type=click.Choice(['float32', 'bfloat16', 'float16']), default=None)
 @click.option('-q', '--quiet', is_flag=True)
-def eval_cmd(model, baseline, tasks, lengths, depths, trials, seed, haystack, text, needle, question, out_dir,
-             device, dtype, quiet):
+def eval_cmd(model, baseline, tasks, phrasings, lengths, depths, trials, seed, haystack, text, needle, question,
+             out_dir, device, dtype, quiet):
     """Recall (needle, multi-key, key-value) and perplexity of MODEL against its base; table, JSON, PNG."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..evals.runner import compare, memory_off, summary_table
-    from ..evals.tasks import Templates
 
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     kw = {'dtype': getattr(torch, dtype)} if dtype else {}
-    templates = Templates()
-    if needle:
-        if '{key}' not in needle:
-            raise click.BadParameter('the needle template needs {key}', param_hint='--needle')
-        templates.needle = needle
-    if question:
-        templates.question = question
+    runs = [(task, None, Templates()) for task in tasks if task != 'niah']
+    if 'niah' in tasks:
+        if needle or question:
+            if needle and '{key}' not in needle:
+                raise click.BadParameter('the needle template needs {key}', param_hint='--needle')
+            custom = Templates()
+            custom.needle, custom.question = needle or custom.needle, question or custom.question
+            runs.insert(0, ('niah', 'custom', custom))
+        else:
+            runs[:0] = [('niah', p, Templates.phrasing(p)) for p in phrasings]
     try:
         tok = AutoTokenizer.from_pretrained(model)
         lm = AutoModelForCausalLM.from_pretrained(model, **kw).to(device).eval()
@@ -229,9 +257,9 @@ def eval_cmd(model, baseline, tasks, lengths, depths, trials, seed, haystack, te
     out.mkdir(parents=True, exist_ok=True)
     read = lambda p: Path(p).read_text() if p else None  # noqa: E731
     all_results = []
-    for task in tasks:
+    for task, phrasing, templates in runs:
         res = compare(models, tok, task, lengths, depths, trials, seed, templates, read(haystack), read(text),
-                      progress=not quiet)
+                      progress=not quiet, phrasing=phrasing)
         res['model'], res['device'] = model, str(device)
         all_results.append(res)
         click.echo(summary_table(res))

@@ -18,6 +18,7 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     files = []
     names = list(results['models'])
     lengths = results['lengths']
+    label = results['task'] + (f"-{results['phrasing']}" if results.get('phrasing') else '')
     if results['task'] == 'ppl':
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for n in names:
@@ -40,7 +41,7 @@ def write_plots(results: dict, out: Path) -> list[Path]:
             for j in range(len(lengths)):
                 ax.text(j, i, f'{grid[i][j]:.2f}', ha='center', va='center', fontsize=7)
     fig.colorbar(im, ax=axes[0].tolist(), label='exact-match recall')
-    f = out / f"{results['task']}_heatmap.png"
+    f = out / f"{label}_heatmap.png"
     fig.savefig(f, dpi=120, bbox_inches='tight'), plt.close(fig)
     files.append(f)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -49,8 +50,8 @@ def write_plots(results: dict, out: Path) -> list[Path]:
         ax.plot(lengths, [sum(s[L].values()) / len(s[L]) for L in lengths], marker='o', label=n)
     ax.set_xscale('log', base=2), ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel('context length (tokens)'), ax.set_ylabel('recall (mean over depths)')
-    ax.set_title(results['task']), ax.legend()
-    f = out / f"{results['task']}_vs_length.png"
+    ax.set_title(label), ax.legend()
+    f = out / f"{label}_vs_length.png"
     fig.tight_layout(), fig.savefig(f, dpi=120), plt.close(fig)
     files.append(f)
     return files

@@ -1,8 +1,9 @@
-"""Run evaluation cases on models: recall by exact match (teacher forcing), perplexity by windows.
+"""Run evaluation cases on models: recall by exact match (teacher forcing), copying, perplexity by windows.
 
 Scoring: a recall case counts 1 iff the model's greedy continuation of the prompt is exactly the
 answer, checked in one forward pass over prompt + answer (greedy decoding produces the answer iff
-every answer token is the argmax given the correct prefix).
+every answer token is the argmax given the correct prefix). A copy case scores the share of the second
+copy's tokens that are the argmax given the correct prefix.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import Templates, default_text, make_case
+from .tasks import DEPTHS, Templates, default_text, make_case
 
-RECALL_TASKS = ('niah', 'multikey', 'kv')
+RECALL_TASKS = ('niah', 'multikey', 'kv', 'copy')
 
 
 @contextlib.contextmanager
@@ -48,6 +49,8 @@ def score_case(model, case) -> dict:
     n = len(case.answer)
     logits = model(input_ids=ids, logits_to_keep=n, use_cache=False).logits[0, -n:]
     pred = logits.argmax(-1).tolist()
+    if case.task == 'copy':
+        return {'correct': sum(p == a for p, a in zip(pred, case.answer)) / n, 'pred': pred}
     return {'correct': float(pred == case.answer), 'pred': pred}
 
 
@@ -100,11 +103,14 @@ def evaluate_ppl(model, tok, lengths: list[int], text: str | None = None, max_wi
     return out
 
 
-def compare(models: dict, tok, task: str, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=1, seed=0,
-            templates=None, haystack=None, text=None, progress=True) -> dict:
-    """Run one task on several models (name -> model, or name -> (model, context manager factory))."""
+def compare(models: dict, tok, task: str, lengths, depths=DEPTHS, trials=1, seed=0, templates=None, haystack=None,
+            text=None, progress=True, phrasing: str | None = None) -> dict:
+    """Run one task on several models (name -> model, or name -> (model, context manager factory)).
+    `phrasing` names the needle phrasing (`tasks.PHRASINGS`) for the record; `templates` hold it."""
     results = {'task': task, 'lengths': list(lengths), 'depths': list(depths), 'trials': trials, 'seed': seed,
                'models': {}}
+    if phrasing:
+        results['phrasing'] = phrasing
     for name, entry in models.items():
         model, ctx = entry if isinstance(entry, tuple) else (entry, contextlib.nullcontext)
         with ctx(model):
@@ -121,7 +127,8 @@ def summary_table(results: dict) -> str:
     """One row per length, one column per model: mean recall over depths, or perplexity."""
     names = list(results['models'])
     head = f"{'length':>8} | " + ' | '.join(f'{n:>12}' for n in names)
-    lines = [f"task: {results['task']}", head, '-' * len(head)]
+    title = results['task'] + (f" ({results['phrasing']})" if results.get('phrasing') else '')
+    lines = [f"task: {title}", head, '-' * len(head)]
     for L in results['lengths']:
         cells = []
         for n in names:

@@ -126,7 +126,7 @@ def calibrate(model_path: str, data: str, out: str | os.PathLike, *, steps: int 
         (tmp / 'calibration.json').write_text(json.dumps(result, indent=1))
         _plot_loss(losses, tmp / 'loss.png')
         from .card import write_model_card
-        write_model_card(tmp, merged.config)
+        write_model_card(tmp, merged.config, name=out.name)
         from .convert import _replace
         _replace(tmp, out)
     except BaseException:

@@ -28,6 +28,7 @@ from ..adapters.modeling import (
 )
 from .card import write_model_card
 from .errors import OutputExistsError, RetrofitError, SourceError, UnsupportedModelError
+from .progress import transformers_bars
 from .source import Source, resolve_source
 
 INDEX = 'model.safetensors.index.json'
@@ -94,8 +95,11 @@ def expected_parameters(config) -> tuple[dict, dict, set]:
 
 
 def convert(source: str, out: str | os.PathLike | None, mem: MemoryConfig, *, revision: str | None = None,
-            dtype: str | None = None, force: bool = False, progress: bool = True) -> Path:
-    """Write the memory-augmented checkpoint of `source` to `out` and return its path."""
+            dtype: str | None = None, force: bool = False, progress: bool = True, recipe: bool = True,
+            calibration_text: str | os.PathLike | None = None, device: str | None = None) -> Path:
+    """Write the memory-augmented checkpoint of `source` to `out` and return its path. With `recipe` (default), the
+    memory is fitted on the model itself (`recipe.py`) with `calibration_text` (a file; default: the text shipped
+    with the package), on `device` (default: CUDA if available)."""
     if dtype is not None and dtype not in DTYPES:
         raise RetrofitError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out).expanduser().absolute()
@@ -107,6 +111,7 @@ def convert(source: str, out: str | os.PathLike | None, mem: MemoryConfig, *, re
         raise RetrofitError("the output folder must not be, contain, or lie inside the source")
     base_cfg = read_base_config(src)
     files = weight_files(src)
+    text = read_calibration_text(calibration_text) if recipe else None
 
     from transformers import AutoConfig
     base_config = AutoConfig.for_model(**base_cfg)
@@ -125,12 +130,51 @@ def convert(source: str, out: str | os.PathLike | None, mem: MemoryConfig, *, re
         for f in sorted(src.path.iterdir()):
             if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copyfile(f, tmp / f.name)
-        write_model_card(tmp, config)
+        if recipe:
+            with transformers_bars(progress):
+                config.hola = _fit_memory(tmp, weight_map, text, calibration_text, mem, device, progress)
+            config.save_pretrained(tmp)
+        write_model_card(tmp, config, name=out.name)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def read_calibration_text(path: str | os.PathLike | None) -> str:
+    if path is None:
+        from importlib import resources
+        return resources.files('hola_retrofit.retrofit').joinpath('data/calibration.txt').read_text()
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RetrofitError(f"cannot read the calibration text {path}: {e}") from None
+
+
+def _fit_memory(folder: Path, weight_map: dict, text: str, text_path, mem: MemoryConfig, device, progress):
+    """Load the converted model from `folder`, fit the recipe, write back its memory shard and `recipe.json`, and
+    return the memory settings it gives (the config's `hola`)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .recipe import RECIPE_FILE, apply_recipe, fit_recipe
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise RetrofitError(f"the recipe needs the checkpoint's tokenizer ({e}); pass --no-recipe") from None
+    dtype = torch.float32 if device == 'cpu' else None
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    name = Path(text_path).name if text_path else 'the text shipped with hola-retrofit'
+    rec = fit_recipe(model, tok, text, mem.cache_size, text_name=name, progress=progress)
+    apply_recipe(model, rec)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if '.mem.' in k}
+    shard = {weight_map[k] for k in state}
+    assert len(shard) == 1, shard
+    save_file(state, str(folder / shard.pop()), metadata={'format': 'pt'})
+    (folder / RECIPE_FILE).write_text(json.dumps(rec.to_dict(), indent=1))
+    return model.config.hola
 
 
 def _write_weights(files, tmp, base_shapes, tied, mem_tensors, dtype, name, progress):

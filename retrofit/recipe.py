@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+RECIPE_FILE = 'recipe.json'
 ABSTAIN = 1e4            # sink logit of a head that does not read: exp(logit - ABSTAIN) is 0 in float32
 TAUS = (8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0)
 OFFSETS = range(-2, 3)

@@ -17,7 +17,7 @@ from hola_retrofit.retrofit.example import make_example_checkpoint
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('calib')
     src = make_example_checkpoint(tmp / 'src', 'gdn', hidden=32)
-    r = CliRunner().invoke(main, ['convert', str(src), '--cache', '8', '--block', '16', '--sink', '2',
+    r = CliRunner().invoke(main, ['convert', str(src), '--cache', '8', '--block', '16', '--sink', '2', '--no-recipe',
                                   '--out', str(tmp / 'hola'), '-q'])
     assert r.exit_code == 0, r.output
     data = tmp / 'data.txt'

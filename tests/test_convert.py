@@ -51,7 +51,7 @@ def leftovers(parent):
 @pytest.mark.parametrize('arch', ['gdn', 'deltanet', 'hybrid'])
 def test_convert_hub_id_then_load_and_generate(hub, tmp_path, arch):
     out = tmp_path / 'out'
-    r = cli('convert', f'org/tiny-{arch}', '--cache', 16, '--block', 16, '--out', out, '-q')
+    r = cli('convert', f'org/tiny-{arch}', '--cache', 16, '--block', 16, '--out', out, '-q', '--no-recipe')
     assert r.exit_code == 0, r.output
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(model).__name__.startswith('Hola')
@@ -72,7 +72,7 @@ def test_convert_hub_id_then_load_and_generate(hub, tmp_path, arch):
 @pytest.mark.parametrize('arch', ['gdn', 'deltanet'])
 def test_memory_off_conversion_reproduces_base_logits(hub, tmp_path, arch):
     out = tmp_path / 'off'
-    assert cli('convert', f'org/tiny-{arch}', '--cache', 0, '--no-block-read', '--out', out, '-q').exit_code == 0
+    assert cli('convert', f'org/tiny-{arch}', '--cache', 0, '--no-block-read', '--out', out, '-q', '--no-recipe').exit_code == 0
     base = AutoModelForCausalLM.from_pretrained(tmp_path / f'src-{arch}').eval()
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(3, 200, (2, 33))
@@ -82,7 +82,7 @@ def test_memory_off_conversion_reproduces_base_logits(hub, tmp_path, arch):
 
 def test_save_pretrained_round_trip_and_remote_code(hub, tmp_path):
     out = tmp_path / 'out'
-    assert cli('convert', 'org/tiny-gdn', '--cache', 8, '--block', 16, '--sink', 1.5, '--out', out, '-q').exit_code == 0
+    assert cli('convert', 'org/tiny-gdn', '--cache', 8, '--block', 16, '--sink', 1.5, '--out', out, '-q', '--no-recipe').exit_code == 0
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         model.model.layers[0].attn.mem.weight.add_(0.25)  # a changed memory parameter must survive the round trip
@@ -99,7 +99,7 @@ def test_save_pretrained_round_trip_and_remote_code(hub, tmp_path):
 
 def test_dtype_cast_keeps_decay_params_fp32(hub, tmp_path):
     out = tmp_path / 'bf16'
-    assert cli('convert', 'org/tiny-gdn', '--cache', 4, '--dtype', 'bfloat16', '--out', out, '-q').exit_code == 0
+    assert cli('convert', 'org/tiny-gdn', '--cache', 4, '--dtype', 'bfloat16', '--out', out, '-q', '--no-recipe').exit_code == 0
     from safetensors import safe_open
     dtypes = {}
     for f in out.glob('model-*.safetensors'):
@@ -233,7 +233,7 @@ def test_push_to_hub_uploads_exactly_a_loadable_folder(hub, tmp_path, monkeypatc
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, 'HfApi', FakeHub)
     FakeHub.calls, FakeHub.remote, FakeHub.fail = [], tmp_path / 'remote', False
-    r = cli('convert', 'org/tiny-deltanet', '--cache', 8, '--push-to-hub', 'me/tiny-hola', '--private',
+    r = cli('convert', 'org/tiny-deltanet', '--cache', 8, '--no-recipe', '--push-to-hub', 'me/tiny-hola', '--private',
             '--revision', 'v1', '--commit-message', 'first', '-q')
     assert r.exit_code == 0, r.output
     assert FakeHub.calls == [('create_repo', 'me/tiny-hola', True), ('create_branch', 'me/tiny-hola', 'v1'),
@@ -260,7 +260,7 @@ def test_failed_upload_is_reported_and_keeps_local_output(hub, tmp_path, monkeyp
 
 def test_info_reports_layers_and_exact_memory_bytes(hub, tmp_path):
     out = tmp_path / 'out'
-    assert cli('convert', 'org/tiny-hybrid', '--cache', 16, '--block', 16, '--out', out, '-q').exit_code == 0
+    assert cli('convert', 'org/tiny-hybrid', '--cache', 16, '--block', 16, '--out', out, '-q', '--no-recipe').exit_code == 0
     r = cli('info', out, '--json')
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
@@ -275,3 +275,23 @@ def test_info_reports_layers_and_exact_memory_bytes(hub, tmp_path):
     base = cli('info', 'org/tiny-gdn', '--cache', 32)
     assert base.exit_code == 0 and 'values for a conversion' in base.output
     assert cli('info', 'org/nothing').exit_code == 3
+
+
+def test_recipe_is_fitted_and_stored_by_default(hub, tmp_path):
+    """convert fits the memory on the model (here a random one: no head reads copies back, so no layer keeps
+    entries); the recipe and its statistics are stored; a calibration text too short for it is refused cleanly."""
+    out = tmp_path / 'out'
+    r = cli('convert', 'org/tiny-gdn', '--cache', 8, '--block', 16, '--out', out, '-q')
+    assert r.exit_code == 0, r.output
+    assert 'recipe: no head of this model reads copies back' in r.output
+    rec = json.loads((out / 'recipe.json').read_text())
+    assert len(rec['heads']) == 2 * 2 and rec['cache_sizes'] == [0, 0]
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['hola']['cache_sizes'] == [0, 0] and cfg['hola']['eviction'] == 'novelty'
+    assert 'hit_rate' in (out / 'README.md').read_text()
+    short = tmp_path / 'short.txt'
+    short.write_text('too short for copies of a long filler')
+    never = tmp_path / 'never'
+    r = cli('convert', 'org/tiny-gdn', '--cache', 8, '--calibration-text', short, '--out', never, '-q')
+    assert r.exit_code == 1 and 'calibration text has' in r.output and r.output.strip().count('\n') == 0, r.output
+    assert not never.exists() and not leftovers(tmp_path)

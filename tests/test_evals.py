@@ -64,14 +64,35 @@ def test_cases_are_deterministic_and_sized(task):
     assert a.meta['key'] in text and TOK.decode(a.answer).strip() in text
 
 
-@pytest.mark.parametrize('task', ['niah', 'multikey', 'kv'])
+@pytest.mark.parametrize('task', ['niah', 'multikey', 'kv', 'copy'])
 def test_copying_model_scores_one_and_constant_model_zero(task):
+    hay = ' '.join(f'w{i}' for i in range(600)) if task == 'copy' else None  # X found once: no repeats
     res = compare({'copy': InductionLM(), 'never': ConstantLM()}, TOK, task, [300, 500], [0.0, 0.5, 1.0], trials=2,
-                  seed=3, progress=False)
+                  seed=3, progress=False, haystack=hay)
     for L in (300, 500):
         assert all(v == 1.0 for v in res['models']['copy']['scores'][L].values()), res['models']['copy']['scores']
         assert all(v == 0.0 for v in res['models']['never']['scores'][L].values())
     assert '1.000' in summary_table(res) and '0.000' in summary_table(res)
+
+
+@pytest.mark.parametrize('phrasing', ['secret', 'locker'])
+def test_phrasings_name_the_needle_and_ask_for_it(phrasing):
+    from hola_retrofit.evals.tasks import Templates
+    case = make_case(TOK, 'niah', 700, 0.3, 0, templates=Templates.phrasing(phrasing))
+    text = TOK.decode(case.prompt)
+    word = {'secret': 'secret number', 'locker': 'locker combination'}[phrasing]
+    assert text.count(f"{word} for {case.meta['name']}" if phrasing == 'secret' else
+                      f"{word} of {case.meta['name']}") == 3  # the needle, the question and its repeat
+    assert f"{case.meta['key']}." in text and TOK.decode(case.answer) == ' ' + case.meta['key']
+    with pytest.raises(ValueError, match='phrasings'):
+        Templates.phrasing('nope')
+
+
+def test_copy_case_is_x_filler_x_scored_after_its_prefix():
+    hay = ' '.join(f'word{i}' for i in range(400))
+    case = make_case(TOK, 'copy', 300, 0.0, 0, haystack=hay)
+    x = case.prompt[:128]
+    assert len(case.prompt) == 128 + 300 + 8 and case.prompt[-8:] == x[:8] and case.answer == x[8:]
 
 
 def test_needle_depth_is_where_asked():
@@ -93,7 +114,8 @@ def test_memory_off_context_restores_settings():
 
 def test_eval_cli_writes_table_json_and_plots(tmp_path):
     src = make_example_checkpoint(tmp_path / 'src', 'gdn', hidden=32)
-    r = CliRunner().invoke(main, ['convert', str(src), '--cache', '16', '--block', '16', '--out', str(tmp_path / 'h'), '-q'])
+    r = CliRunner().invoke(main, ['convert', str(src), '--cache', '16', '--block', '16', '--out', str(tmp_path / 'h'),
+                                  '--no-recipe', '-q'])
     assert r.exit_code == 0, r.output
     out = tmp_path / 'ev'
     r = CliRunner().invoke(main, ['eval', str(tmp_path / 'h'), '--task', 'niah', '--task', 'ppl', '--lengths', '128,256',
@@ -104,7 +126,8 @@ def test_eval_cli_writes_table_json_and_plots(tmp_path):
     assert [d['task'] for d in data] == ['niah', 'ppl']
     ppl = data[1]['models']
     assert ppl['base']['128']['ppl'] > 1 and ppl['retrofit']['128']['ppl'] > 1
-    for f in ('niah_heatmap.png', 'niah_vs_length.png', 'ppl_vs_length.png'):
+    assert data[0]['phrasing'] == 'passkey'
+    for f in ('niah-passkey_heatmap.png', 'niah-passkey_vs_length.png', 'ppl_vs_length.png'):
         assert (out / f).read_bytes()[:4] == b'\x89PNG'
     bad = CliRunner().invoke(main, ['eval', str(tmp_path / 'h'), '--lengths', '2k,x'])
     assert bad.exit_code == 2 and 'lengths like' in bad.output
